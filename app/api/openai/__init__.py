@@ -1,0 +1,8 @@
+"""OpenAI-compatible public API under /v1 (tenant keys)."""
+
+from fastapi import APIRouter
+
+from app.api.openai import models
+
+router = APIRouter(prefix="/v1")
+router.include_router(models.router)

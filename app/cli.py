@@ -1,0 +1,249 @@
+"""`lora-gateway` command line: serve, migrate, and admin commands that talk to the admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from app import security
+from app.settings import Settings, get_settings
+
+app = typer.Typer(help="LoRA Gateway: multi-tenant LoRA serving on vLLM.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage tenants' API keys.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Manage LoRA adapters.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
+
+console = Console()
+err = Console(stderr=True)
+
+ADMIN_KEY_FILE = "admin-api-key"
+
+
+def admin_key_path(settings: Settings) -> Path:
+    return settings.DATA_DIR / ADMIN_KEY_FILE
+
+
+def ensure_admin_key(settings: Settings) -> tuple[str, bool]:
+    """The configured admin key, else the one kept in DATA_DIR, else a new one saved there (0600)."""
+    if settings.ADMIN_API_KEY is not None:
+        return settings.ADMIN_API_KEY.get_secret_value(), False
+    path = admin_key_path(settings)
+    if path.is_file():
+        return path.read_text().strip(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = security.generate_admin_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, True
+
+
+def alembic_config(url: str | None = None) -> Any:
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = Config(str(root / "alembic.ini"))
+    cfg.set_main_option("script_location", str(root / "migrations"))
+    if url:
+        cfg.attributes["url"] = url
+    return cfg
+
+
+@app.command()
+def migrate(revision: str = "head") -> None:
+    """Apply database migrations (alembic upgrade)."""
+    from alembic import command
+
+    settings = get_settings()
+    command.upgrade(alembic_config(settings.DATABASE_URL), revision)
+    console.print(f"[green]database at revision {revision}[/green]")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default GATEWAY_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default GATEWAY_PORT)")] = None,
+    workers: int = 1,
+) -> None:
+    """Run the gateway (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    settings = get_settings()
+    key, created = ensure_admin_key(settings)
+    os.environ["GATEWAY_ADMIN_API_KEY"] = key  # the uvicorn factory builds its own Settings
+    get_settings.cache_clear()
+    host, port = host or settings.HOST, port or settings.PORT
+    url = f"http://{host}:{port}"
+    where = "new, saved to " + str(admin_key_path(settings)) if created else "configured"
+    console.print(f"[bold]LoRA Gateway[/bold] on {url}  (database: {settings.DATABASE_URL.split('@')[-1]})")
+    console.print(f"admin API key ({where}): [bold]{key}[/bold]")
+    console.print(
+        "next: lora-gateway tenants create acme  ->  lora-gateway keys create acme  ->  "
+        "lora-gateway adapters upload acme NAME ./adapter-dir"
+    )
+    uvicorn.run(
+        "app.main:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level="info",
+    )
+
+
+# --- admin client ----------------------------------------------------------------------------------------
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="GATEWAY_URL", help="Gateway base URL")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--admin-key", envvar="GATEWAY_ADMIN_API_KEY", help="Admin key (default: DATA_DIR file)"),
+]
+
+
+def _client(url: str, admin_key: str | None, timeout: float = 30.0) -> httpx.Client:
+    if admin_key is None:
+        path = admin_key_path(get_settings())
+        if not path.is_file():
+            err.print("[red]no admin key: pass --admin-key or set GATEWAY_ADMIN_API_KEY[/red]")
+            raise typer.Exit(2)
+        admin_key = path.read_text().strip()
+    return httpx.Client(
+        base_url=url.rstrip("/") + "/admin/v1",
+        headers={"Authorization": f"Bearer {admin_key}"},
+        timeout=httpx.Timeout(timeout, read=max(timeout, 600.0)),
+    )
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.is_success:
+        return resp.json() if resp.content else None
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:500]
+    err.print(f"[red]error {resp.status_code}:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _print(data: Any) -> None:
+    console.print_json(json.dumps(data))
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: str,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+    display_name: str | None = None,
+) -> None:
+    """Create a tenant."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.post("/tenants", json={"name": name, "display_name": display_name})))
+
+
+@tenants_app.command("list")
+def tenants_list(url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List tenants."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get("/tenants")))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None, name: str | None = None
+) -> None:
+    """Create an API key for a tenant; the key is shown once."""
+    with _client(url, admin_key) as c:
+        data = _check(c.post(f"/tenants/{tenant}/api-keys", json={"name": name}))
+    _print(data)
+    err.print("[yellow]store this key now: it is not shown again[/yellow]")
+
+
+class _ProgressReader:
+    """File wrapper that advances a progress bar as httpx streams it."""
+
+    def __init__(self, f: BinaryIO, progress: Progress, task: Any) -> None:
+        self._f, self._progress, self._task = f, progress, task
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._f.read(n)
+        self._progress.advance(self._task, len(chunk))
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _upload_paths(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = [path / "adapter_config.json", path / "adapter_model.safetensors"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            err.print(f"[red]missing {', '.join(missing)}[/red]")
+            raise typer.Exit(2)
+        return files
+    if not path.is_file():
+        err.print(f"[red]{path} does not exist[/red]")
+        raise typer.Exit(2)
+    return [path]
+
+
+@adapters_app.command("upload")
+def adapters_upload(
+    tenant: str,
+    name: str,
+    path: Annotated[Path, typer.Argument(help="peft adapter folder, or a .tar.gz/.zip of one")],
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+    base_model: Annotated[str | None, typer.Option(help="Override base_model_name_or_path")] = None,
+) -> None:
+    """Upload a LoRA adapter (a new version if the name exists)."""
+    paths = _upload_paths(path)
+    total = sum(p.stat().st_size for p in paths)
+    data = {"name": name, **({"base_model": base_model} if base_model else {})}
+    with (
+        _client(url, admin_key) as c,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        ) as progress,
+    ):
+        task = progress.add_task(f"uploading {name}", total=total)
+        handles = [p.open("rb") for p in paths]
+        try:
+            files = [
+                ("file", (p.name, _ProgressReader(h, progress, task)))
+                for p, h in zip(paths, handles, strict=True)
+            ]
+            resp = c.post(f"/tenants/{tenant}/adapters", data=data, files=files)  # type: ignore[arg-type]
+        finally:
+            for h in handles:
+                h.close()
+    _print(_check(resp))
+
+
+@adapters_app.command("list")
+def adapters_list(tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List a tenant's adapters."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get(f"/tenants/{tenant}/adapters")))
+
+
+def main() -> None:
+    app()

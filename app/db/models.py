@@ -1,0 +1,162 @@
+"""The registry's tables: tenants, API keys, base models, backends, adapters, jobs, deployments."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base, CreatedMixin, IdMixin
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as plain strings (no native PG enum): adding a state is then a code change, not a migration.
+    return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+
+
+class BackendKind(enum.StrEnum):
+    SHARED = "shared"  # serves many tenants' adapters on top of the base model
+    DEDICATED = "dedicated"  # runs one promoted (merged) adapter
+
+
+class BackendState(enum.StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"  # no new adapters placed here; in-flight work finishes
+    DOWN = "down"
+
+
+class AdapterState(enum.StrEnum):
+    READY = "ready"
+    DISABLED = "disabled"
+    DELETED = "deleted"  # row kept (and files kept) until no backend can still read them
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class DeploymentState(enum.StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Tenant(IdMixin, CreatedMixin, Base):
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+
+
+class ApiKey(IdMixin, CreatedMixin, Base):
+    __tablename__ = "api_keys"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    # The first characters of the key, safe to show so people can tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BaseModel(IdMixin, CreatedMixin, Base):
+    __tablename__ = "base_models"
+
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # What backends load: a local directory or a hub/object-store URI.
+    path: Mapped[str] = mapped_column(Text)
+    # Other names adapters' base_model_name_or_path may use for this model (e.g. a hub id).
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    architecture: Mapped[str | None] = mapped_column(String(100))
+    hidden_size: Mapped[int] = mapped_column(Integer)
+    num_layers: Mapped[int] = mapped_column(Integer)
+    # Module short name -> [in_features, out_features]: what an adapter's lora_A/lora_B must fit.
+    module_shapes: Mapped[dict[str, list[int]]] = mapped_column(JSON)
+
+
+class Backend(IdMixin, CreatedMixin, Base):
+    __tablename__ = "backends"
+
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    url: Mapped[str] = mapped_column(String(500), unique=True)
+    base_model_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("base_models.id", ondelete="RESTRICT"), index=True
+    )
+    # vLLM's --max-loras: adapters active in one batch.
+    gpu_slots: Mapped[int] = mapped_column(Integer)
+    max_lora_rank: Mapped[int] = mapped_column(Integer)
+    # How many adapters may be registered on it at once (keep <= its --max-cpu-loras).
+    capacity: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[BackendKind] = mapped_column(_enum(BackendKind), default=BackendKind.SHARED)
+    state: Mapped[BackendState] = mapped_column(_enum(BackendState), default=BackendState.ACTIVE)
+
+
+class Adapter(IdMixin, CreatedMixin, Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    base_model_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("base_models.id", ondelete="RESTRICT"), index=True
+    )
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    target_modules: Mapped[list[str]] = mapped_column(JSON)
+    # Content digest of the adapter directory; names its folder in the store.
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # Folder relative to the adapter store root.
+    storage_path: Mapped[str] = mapped_column(String(300))
+    state: Mapped[AdapterState] = mapped_column(_enum(AdapterState), default=AdapterState.READY)
+
+
+class Job(IdMixin, CreatedMixin, Base):
+    __tablename__ = "jobs"
+
+    kind: Mapped[str] = mapped_column(String(32))
+    adapter_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("adapters.id", ondelete="SET NULL"), index=True
+    )
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Deployment(IdMixin, CreatedMixin, Base):
+    """A dedicated vLLM serving one promoted adapter; a READY one takes that adapter's traffic."""
+
+    __tablename__ = "deployments"
+
+    adapter_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("adapters.id", ondelete="SET NULL"), index=True
+    )
+    backend_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("backends.id", ondelete="SET NULL"))
+    launcher: Mapped[str] = mapped_column(String(32))  # "local" or "kubernetes"
+    model_path: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeploymentState] = mapped_column(_enum(DeploymentState), default=DeploymentState.PENDING)

@@ -1,0 +1,58 @@
+"""FastAPI dependencies: DB session, adapter store, admin and tenant authentication."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import security
+from app.db.models import Tenant
+from app.errors import InvalidApiKey
+from app.registry import service
+from app.settings import Settings
+from app.store.files import AdapterStore
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.state.sessionmaker() as session:
+        yield session
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.state.settings
+    return settings
+
+
+def get_store(request: Request) -> AdapterStore:
+    store: AdapterStore = request.state.store
+    return store
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[AdapterStore, Depends(get_store)]
+
+
+def require_admin(request: Request) -> None:
+    settings: Settings = request.state.settings
+    token = security.bearer_token(request.headers.get("authorization"))
+    expected = settings.ADMIN_API_KEY
+    if token is None or expected is None or not security.keys_equal(token, expected.get_secret_value()):
+        raise InvalidApiKey("a valid admin API key is required (Authorization: Bearer <admin key>)")
+
+
+async def authenticate_tenant(request: Request, session: SessionDep) -> Tenant:
+    token = security.bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise InvalidApiKey("missing API key: send Authorization: Bearer <key>")
+    tenant = await service.tenant_for_key(session, token)
+    if tenant is None:
+        raise InvalidApiKey("incorrect or revoked API key")
+    return tenant
+
+
+AdminDep = Depends(require_admin)
+TenantDep = Annotated[Tenant, Depends(authenticate_tenant)]

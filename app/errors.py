@@ -1,0 +1,57 @@
+"""One error tree for the whole gateway, rendered in OpenAI's error envelope."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status_code: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+class InvalidRequest(GatewayError):
+    status_code, type, code = 400, "invalid_request_error", None
+
+
+class InvalidApiKey(GatewayError):
+    status_code, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status_code, type, code = 403, "invalid_request_error", "permission_denied"
+
+
+class NotFound(GatewayError):
+    status_code, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(GatewayError):
+    status_code, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class Conflict(GatewayError):
+    status_code, type, code = 409, "invalid_request_error", "conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status_code, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+
+class ServiceUnavailable(GatewayError):
+    status_code, type, code = 503, "server_error", "service_unavailable"
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,183 @@
+"""Adapter registration: validate staged files against config and base model, then row + file together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import Adapter, AdapterState, BaseModel, Tenant
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.registry import schemas, service
+from app.store.files import AdapterStore, StagedAdapter
+from app.store.validate import LoraConfig, ModuleFacts, check_weights, parse_config, read_tensor_shapes
+
+log = logging.getLogger(__name__)
+
+_VERSION_RETRIES = 3
+
+
+def adapter_read(adapter: Adapter, *, tenant: Tenant, base_model: BaseModel) -> schemas.AdapterRead:
+    fields = {
+        c: getattr(adapter, c) for c in schemas.AdapterRead.model_fields if c not in ("tenant", "base_model")
+    }
+    return schemas.AdapterRead.model_validate(
+        {**fields, "tenant": tenant.name, "base_model": base_model.name}
+    )
+
+
+def _stage_and_parse(
+    store: AdapterStore, folder: Path, files: list[tuple[str, BinaryIO]], max_bytes: int
+) -> tuple[StagedAdapter, LoraConfig, dict[str, tuple[str, list[int]]]]:
+    # Blocking file I/O and hashing: run in a worker thread, never on the event loop.
+    staged = store.stage_files(folder, files, max_bytes=max_bytes)
+    config = parse_config(staged.config_path.read_bytes())
+    return staged, config, read_tensor_shapes(staged.weights_path)
+
+
+async def _resolve_base_model(session: AsyncSession, config: LoraConfig, override: str | None) -> BaseModel:
+    if override:
+        return await service.get_base_model(session, override)
+    if config.base_model_name_or_path is None:
+        raise InvalidRequest(
+            "adapter_config.json has no base_model_name_or_path; pass the base_model form field",
+            param="base_model",
+        )
+    model = await service.find_base_model(session, config.base_model_name_or_path)
+    if model is None:
+        raise InvalidRequest(
+            f"base model {config.base_model_name_or_path!r} (adapter_config.json base_model_name_or_path) "
+            "is not registered; register it, add it as an alias, or pass the base_model form field",
+            param="base_model",
+        )
+    return model
+
+
+async def upload_adapter(
+    session: AsyncSession,
+    *,
+    store: AdapterStore,
+    tenant_ref: str,
+    name: str,
+    files: list[tuple[str, BinaryIO]],
+    base_model: str | None,
+    max_bytes: int,
+    default_max_rank: int,
+) -> schemas.AdapterRead:
+    """Registers a new version of `name`; on any failure no file and no row is left behind."""
+    tenant = await service.get_tenant(session, tenant_ref)
+    with store.staging() as folder:
+        staged, config, tensors = await asyncio.to_thread(_stage_and_parse, store, folder, files, max_bytes)
+        model = await _resolve_base_model(session, config, base_model)
+        max_rank = await service.max_lora_rank(session, base_model=model, default=default_max_rank)
+        targets = check_weights(
+            config, tensors, ModuleFacts(model.num_layers, model.module_shapes), max_rank=max_rank
+        )
+        # End the read transaction before the slow rename; the insert below opens a short one.
+        await session.rollback()
+        storage_path, created = await asyncio.to_thread(store.publish, staged)
+        try:
+            adapter = await _insert_next_version(
+                session,
+                tenant=tenant,
+                name=name,
+                model=model,
+                config=config,
+                targets=targets,
+                staged=staged,
+                storage_path=storage_path,
+            )
+        except BaseException:
+            if created and not await _referenced(session, storage_path):
+                await asyncio.to_thread(store.remove, storage_path)
+            raise
+    log.info("adapter %s/%s v%d registered (%s)", tenant.name, name, adapter.version, staged.sha256[:12])
+    return adapter_read(adapter, tenant=tenant, base_model=model)
+
+
+async def _insert_next_version(
+    session: AsyncSession,
+    *,
+    tenant: Tenant,
+    name: str,
+    model: BaseModel,
+    config: LoraConfig,
+    targets: list[str],
+    staged: StagedAdapter,
+    storage_path: str,
+) -> Adapter:
+    # Two uploads of one name may race for the same version; the unique constraint decides, we retry.
+    for _ in range(_VERSION_RETRIES):
+        current = await session.scalar(
+            select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant.id, Adapter.name == name)
+        )
+        adapter = Adapter(
+            tenant_id=tenant.id,
+            name=name,
+            version=(current or 0) + 1,
+            base_model_id=model.id,
+            rank=config.max_rank,
+            alpha=config.alpha,
+            target_modules=targets,
+            sha256=staged.sha256,
+            size_bytes=staged.size_bytes,
+            storage_path=storage_path,
+        )
+        session.add(adapter)
+        try:
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()
+            continue
+        return adapter
+    raise Conflict(f"adapter {name!r} is being uploaded concurrently; retry", param="name")
+
+
+async def _referenced(session: AsyncSession, storage_path: str) -> bool:
+    await session.rollback()
+    return bool(await session.scalar(select(func.count()).where(Adapter.storage_path == storage_path)))
+
+
+async def list_adapters(session: AsyncSession, *, tenant_ref: str) -> list[schemas.AdapterRead]:
+    tenant = await service.get_tenant(session, tenant_ref)
+    stmt = (
+        select(Adapter, BaseModel)
+        .join(BaseModel)
+        .where(Adapter.tenant_id == tenant.id, Adapter.state != AdapterState.DELETED)
+        .order_by(Adapter.name, Adapter.version)
+    )
+    rows = await session.execute(stmt)
+    return [adapter_read(a, tenant=tenant, base_model=m) for a, m in rows.tuples()]
+
+
+async def _get(session: AsyncSession, adapter_id: str) -> tuple[Adapter, Tenant, BaseModel]:
+    ident = service.parse_uuid(adapter_id)
+    row = None
+    if ident is not None:
+        stmt = (
+            select(Adapter, Tenant, BaseModel)
+            .join(Tenant, Adapter.tenant_id == Tenant.id)
+            .join(BaseModel, Adapter.base_model_id == BaseModel.id)
+            .where(Adapter.id == ident, Adapter.state != AdapterState.DELETED)
+        )
+        row = (await session.execute(stmt)).first()
+    if row is None:
+        raise NotFound(f"adapter {adapter_id!r} not found", param="adapter")
+    return row[0], row[1], row[2]
+
+
+async def get_adapter(session: AsyncSession, *, adapter_id: str) -> schemas.AdapterRead:
+    adapter, tenant, model = await _get(session, adapter_id)
+    return adapter_read(adapter, tenant=tenant, base_model=model)
+
+
+async def delete_adapter(session: AsyncSession, *, adapter_id: str) -> None:
+    # A soft delete: the row stops resolving at once, while its files stay until no backend may read them.
+    adapter, _, _ = await _get(session, adapter_id)
+    adapter.state = AdapterState.DELETED
+    await session.commit()

@@ -1,0 +1,140 @@
+"""Admin API shapes: XCreate for input, XRead for output."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
+
+from app.db.models import AdapterState, BackendKind, BackendState
+
+# Names appear in URLs and as OpenAI `model` ids: keep them boring.
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")]
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")]
+ModelName = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
+]
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Slug
+    display_name: str | None = Field(None, max_length=200)
+
+
+class TenantRead(_Read):
+    id: uuid.UUID
+    name: str
+    display_name: str | None
+    created_at: datetime
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=100)
+
+
+class ApiKeyRead(_Read):
+    id: uuid.UUID
+    name: str | None
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(description="The secret key. Shown only in this response; store it now.")
+
+
+class BaseModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: ModelName
+    path: str = Field(min_length=1, max_length=4096)
+    aliases: list[ModelName] = Field(default_factory=list, max_length=32)
+    architecture: str | None = Field(None, max_length=100)
+    # Optional when `path` is a local folder with config.json: then they are read from it.
+    hidden_size: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
+    module_shapes: (
+        dict[str, Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]] | None
+    ) = None
+
+
+class BaseModelRead(_Read):
+    id: uuid.UUID
+    name: str
+    path: str
+    aliases: list[str]
+    architecture: str | None
+    hidden_size: int
+    num_layers: int
+    module_shapes: dict[str, list[int]]
+    created_at: datetime
+
+
+class BackendCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Slug
+    url: HttpUrl
+    base_model: str = Field(description="Name of a registered base model")
+    gpu_slots: int = Field(ge=1, le=1024, description="vLLM --max-loras")
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="vLLM --max-lora-rank")
+    capacity: int | None = Field(None, ge=1, description="Adapters registered at once; default = gpu_slots")
+    kind: BackendKind = BackendKind.SHARED
+
+    @model_validator(mode="after")
+    def _capacity_covers_slots(self) -> BackendCreate:
+        if self.capacity is not None and self.capacity < self.gpu_slots:
+            raise ValueError("capacity must be >= gpu_slots (vLLM's --max-cpu-loras >= --max-loras)")
+        return self
+
+
+class BackendUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: BackendState | None = None
+    gpu_slots: int | None = Field(None, ge=1, le=1024)
+    max_lora_rank: int | None = Field(None, ge=1, le=1024)
+    capacity: int | None = Field(None, ge=1)
+
+
+class BackendRead(_Read):
+    id: uuid.UUID
+    name: str
+    url: str
+    base_model: str
+    gpu_slots: int
+    max_lora_rank: int
+    capacity: int
+    kind: BackendKind
+    state: BackendState
+    created_at: datetime
+
+
+class AdapterRead(_Read):
+    id: uuid.UUID
+    tenant: str
+    name: str
+    version: int
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    sha256: str
+    size_bytes: int
+    state: AdapterState
+    created_at: datetime
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    object: str = "list"
+    data: list[T]

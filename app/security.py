@@ -1,0 +1,42 @@
+"""API key format and hashing: random keys, only a SHA-256 digest and a short prefix kept at rest."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+KEY_PREFIX = "lgw-"
+ADMIN_KEY_PREFIX = "lgw-admin-"
+# The part of a key shown in listings: the scheme plus 8 random characters.
+VISIBLE_CHARS = len(KEY_PREFIX) + 8
+
+
+def generate_api_key() -> str:
+    # 32 random bytes: keys are unguessable, so a fast hash is enough (no password stretching needed).
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def generate_admin_key() -> str:
+    return ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def visible_prefix(key: str) -> str:
+    return key[:VISIBLE_CHARS]
+
+
+def keys_equal(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

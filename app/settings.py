@@ -1,0 +1,54 @@
+"""Gateway configuration: environment variables prefixed GATEWAY_, a .env file, embedded defaults."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    # Everything the embedded default keeps on disk lives here (SQLite file, adapter store, admin key).
+    DATA_DIR: Path = Path("data")
+    # Empty means the embedded SQLite default; production sets postgresql+asyncpg://...
+    DATABASE_URL: str = ""
+    # Content-addressed adapter files; vLLM backends must be able to read this path (shared volume).
+    ADAPTER_STORE: Path | None = None
+    ADMIN_API_KEY: SecretStr | None = None
+
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8080, ge=1, le=65535)
+
+    # Upload limits: a LoRA adapter of a 70B model at r=64 is ~1 GiB; anything larger is not an adapter.
+    MAX_ADAPTER_BYTES: int = Field(1 << 30, ge=1024)
+    # Rank ceiling used when a base model has no backend yet (vLLM's own --max-lora-rank default is 16).
+    DEFAULT_MAX_LORA_RANK: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if not self.DATABASE_URL:
+            self.DATABASE_URL = f"sqlite+aiosqlite:///{(self.DATA_DIR / 'gateway.db').resolve()}"
+        if self.ADAPTER_STORE is None:
+            self.ADAPTER_STORE = self.DATA_DIR / "adapters"
+        self.ADAPTER_STORE = self.ADAPTER_STORE.resolve()
+        if self.ADMIN_API_KEY is not None and len(self.ADMIN_API_KEY.get_secret_value()) < 16:
+            raise ValueError("GATEWAY_ADMIN_API_KEY must be at least 16 characters")
+        return self
+
+    @property
+    def store_root(self) -> Path:
+        assert self.ADAPTER_STORE is not None  # filled by the validator
+        return self.ADAPTER_STORE
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    return Settings()
