@@ -23,8 +23,8 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ADMIN_KEY_FILE = "admin-api-key"
 
@@ -189,6 +189,12 @@ class _ProgressReader:
 def _upload_paths(path: Path) -> list[Path]:
     if path.is_dir():
         files = [path / "adapter_config.json", path / "adapter_model.safetensors"]
+        if not files[1].exists() and (path / "adapter_model.bin").exists():
+            err.print(
+                "[red]adapter_model.bin is a pickle checkpoint, which the gateway refuses; re-save with "
+                "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors[/red]"
+            )
+            raise typer.Exit(2)
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             err.print(f"[red]missing {', '.join(missing)}[/red]")
@@ -247,3 +253,7 @@ def adapters_list(tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -199,7 +199,7 @@ class VllmCpuServer:
             # The engine and worker may outlive the API server by a moment, or hang: the group
             # outlives its leader, so give it a short grace and then kill what remains.
             deadline = time.monotonic() + 5.0
-            while _group_alive(pgid) and time.monotonic() < deadline:
+            while _group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             _signal_group(pgid, signal.SIGKILL)
             process.wait()
@@ -214,20 +214,13 @@ class VllmCpuServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def rss_bytes(self) -> int:
-        """Resident memory of the server and every process in its group (Linux /proc)."""
+        """Resident memory of the server and every live process in its group (Linux /proc)."""
         if self._process is None:
             return 0
-        pgid = self._process.pid
         total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        for pid in _group_members(self._process.pid):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                # Fields after the parenthesised command name: state ppid pgrp ... (see proc(5)).
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                    continue
-                for line in (entry / "status").read_text().splitlines():
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
         return total
@@ -287,11 +280,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc.
+
+    os.killpg(pgid, 0) would also count zombies, and orphans of the group may stay zombies for
+    good when PID 1 does not reap (as in some containers).
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # Fields after the parenthesised command name: state ppid pgrp ... (proc(5)).
+            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state != "Z":
+                members.append(int(entry.name))
+    return members

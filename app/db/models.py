@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    DateTime,
     Enum,
     Float,
     ForeignKey,
@@ -21,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base, CreatedMixin, IdMixin
+from app.db.base import Base, CreatedMixin, IdMixin, UTCDateTime
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -77,8 +76,8 @@ class ApiKey(IdMixin, CreatedMixin, Base):
     # The first characters of the key, safe to show so people can tell keys apart.
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class BaseModel(IdMixin, CreatedMixin, Base):
@@ -145,7 +144,7 @@ class Job(IdMixin, CreatedMixin, Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Deployment(IdMixin, CreatedMixin, Base):

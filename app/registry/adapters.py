@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,16 +20,14 @@ from app.store.validate import LoraConfig, ModuleFacts, check_weights, parse_con
 
 log = logging.getLogger(__name__)
 
-_VERSION_RETRIES = 3
+_VERSION_RETRIES = 8
 
 
-def adapter_read(adapter: Adapter, *, tenant: Tenant, base_model: BaseModel) -> schemas.AdapterRead:
+def adapter_read(adapter: Adapter, *, tenant: str, base_model: str) -> schemas.AdapterRead:
     fields = {
         c: getattr(adapter, c) for c in schemas.AdapterRead.model_fields if c not in ("tenant", "base_model")
     }
-    return schemas.AdapterRead.model_validate(
-        {**fields, "tenant": tenant.name, "base_model": base_model.name}
-    )
+    return schemas.AdapterRead.model_validate({**fields, "tenant": tenant, "base_model": base_model})
 
 
 def _stage_and_parse(
@@ -78,8 +77,12 @@ async def upload_adapter(
         targets = check_weights(
             config, tensors, ModuleFacts(model.num_layers, model.module_shapes), max_rank=max_rank
         )
+        tenant_name, model_name = (
+            tenant.name,
+            model.name,
+        )  # a rollback in the insert's retry expires loaded objects
         # End the read transaction before the slow rename; the insert below opens a short one.
-        await session.rollback()
+        await session.commit()
         storage_path, created = await asyncio.to_thread(store.publish, staged)
         try:
             adapter = await _insert_next_version(
@@ -96,8 +99,9 @@ async def upload_adapter(
             if created and not await _referenced(session, storage_path):
                 await asyncio.to_thread(store.remove, storage_path)
             raise
-    log.info("adapter %s/%s v%d registered (%s)", tenant.name, name, adapter.version, staged.sha256[:12])
-    return adapter_read(adapter, tenant=tenant, base_model=model)
+    result = adapter_read(adapter, tenant=tenant_name, base_model=model_name)
+    log.info("adapter %s/%s v%d registered (%s)", result.tenant, name, result.version, staged.sha256[:12])
+    return result
 
 
 async def _insert_next_version(
@@ -112,15 +116,17 @@ async def _insert_next_version(
     storage_path: str,
 ) -> Adapter:
     # Two uploads of one name may race for the same version; the unique constraint decides, we retry.
+    # A rollback expires loaded objects, so keep the plain ids.
+    tenant_id, model_id = tenant.id, model.id
     for _ in range(_VERSION_RETRIES):
         current = await session.scalar(
-            select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant.id, Adapter.name == name)
+            select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
         )
         adapter = Adapter(
-            tenant_id=tenant.id,
+            tenant_id=tenant_id,
             name=name,
             version=(current or 0) + 1,
-            base_model_id=model.id,
+            base_model_id=model_id,
             rank=config.max_rank,
             alpha=config.alpha,
             target_modules=targets,
@@ -133,6 +139,14 @@ async def _insert_next_version(
             await session.commit()
         except IntegrityError:
             await session.rollback()
+            taken = await session.scalar(
+                select(func.count()).where(
+                    Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.version == adapter.version
+                )
+            )
+            if not taken:  # some other constraint (e.g. the tenant was deleted meanwhile): not ours to retry
+                raise
+            await asyncio.sleep(random.uniform(0.005, 0.05))  # de-synchronise the racers
             continue
         return adapter
     raise Conflict(f"adapter {name!r} is being uploaded concurrently; retry", param="name")
@@ -152,7 +166,7 @@ async def list_adapters(session: AsyncSession, *, tenant_ref: str) -> list[schem
         .order_by(Adapter.name, Adapter.version)
     )
     rows = await session.execute(stmt)
-    return [adapter_read(a, tenant=tenant, base_model=m) for a, m in rows.tuples()]
+    return [adapter_read(a, tenant=tenant.name, base_model=m.name) for a, m in rows]
 
 
 async def _get(session: AsyncSession, adapter_id: str) -> tuple[Adapter, Tenant, BaseModel]:
@@ -173,7 +187,7 @@ async def _get(session: AsyncSession, adapter_id: str) -> tuple[Adapter, Tenant,
 
 async def get_adapter(session: AsyncSession, *, adapter_id: str) -> schemas.AdapterRead:
     adapter, tenant, model = await _get(session, adapter_id)
-    return adapter_read(adapter, tenant=tenant, base_model=model)
+    return adapter_read(adapter, tenant=tenant.name, base_model=model.name)
 
 
 async def delete_adapter(session: AsyncSession, *, adapter_id: str) -> None:

