@@ -16,7 +16,7 @@ class GatewayError(Exception):
 
 
 class InvalidRequest(GatewayError):
-    status_code, type, code = 400, "invalid_request_error", None
+    status_code, type = 400, "invalid_request_error"
 
 
 class InvalidApiKey(GatewayError):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from app.errors import InvalidRequest, PayloadTooLarge
 
@@ -66,7 +66,7 @@ def _refuse_pickle(name: str) -> None:
         )
 
 
-def _copy(src: BinaryIO, dst: Path, budget: _Budget) -> str:
+def _copy(src: IO[bytes], dst: Path, budget: _Budget) -> str:
     digest = hashlib.sha256()
     with open(dst, "xb") as out:
         while chunk := src.read(_CHUNK):
@@ -201,7 +201,7 @@ class AdapterStore:
                 for src, dst in ((config, CONFIG_NAME), (weights, WEIGHTS_NAME)):
                     # The budget counts bytes actually inflated, so a zip bomb's false sizes do not matter.
                     with zf.open(regular[src]) as extracted:
-                        digests[dst] = _copy(extracted, folder / dst, budget)  # type: ignore[arg-type]
+                        digests[dst] = _copy(extracted, folder / dst, budget)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
             raise InvalidUpload(f"upload is not a readable zip archive: {exc}", param="file") from exc
         return self._finish(folder, digests, budget)
