@@ -191,14 +191,11 @@ class VllmCpuServer:
         process, self._process = self._process, None
         if process is not None:
             pgid = process.pid  # start_new_session made the server its group's leader
+            deadline = time.monotonic() + self.config.stop_timeout_s
             _signal_group(pgid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=self.config.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-            # The engine and worker may outlive the API server by a moment, or hang: the group
-            # outlives its leader, so give it a short grace and then kill what remains.
-            deadline = time.monotonic() + 5.0
+            # The group outlives its leader: the engine and worker may need a moment more, or hang.
             while _group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             _signal_group(pgid, signal.SIGKILL)
