@@ -9,9 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import security
-from app.db.models import Tenant
 from app.errors import InvalidApiKey
-from app.registry import service
 from app.settings import Settings
 from app.store.files import AdapterStore
 
@@ -44,15 +42,12 @@ def require_admin(request: Request) -> None:
         raise InvalidApiKey("a valid admin API key is required (Authorization: Bearer <admin key>)")
 
 
-async def authenticate_tenant(request: Request, session: SessionDep) -> Tenant:
-    token = security.bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise InvalidApiKey("missing API key: send Authorization: Bearer <key>")
-    tenant = await service.tenant_for_key(session, token)
-    if tenant is None:
-        raise InvalidApiKey("incorrect or revoked API key")
-    return tenant
+async def invalidate_caches_after_write(request: Request) -> AsyncIterator[None]:
+    """Admin writes take effect on this replica at once; other replicas follow within CACHE_TTL_S."""
+    yield
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        request.state.data_path.cache.invalidate_all()
 
 
 AdminDep = Depends(require_admin)
-TenantDep = Annotated[Tenant, Depends(authenticate_tenant)]
+AdminWriteDep = Depends(invalidate_caches_after_write, scope="function")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
@@ -11,7 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.api import admin, health, openai
 from app.api.errors import install_error_handlers
+from app.api.openai.proxy import DataPath
+from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
+from app.registry.cache import RegistryCache
+from app.routing.placement import Placement
 from app.settings import Settings, get_settings
 from app.store.files import AdapterStore
 
@@ -20,6 +26,7 @@ class State(TypedDict):
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
     store: AdapterStore
+    data_path: DataPath
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -27,13 +34,33 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings.DATABASE_URL)
         settings.store_root.mkdir(parents=True, exist_ok=True)
+        sessionmaker = create_sessionmaker(engine)
+        client = VllmClient.create(
+            connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT_S, read_timeout=settings.UPSTREAM_READ_TIMEOUT_S
+        )
+        cache = RegistryCache(sessionmaker, ttl=settings.CACHE_TTL_S)
+        assert settings.BACKEND_ADAPTER_ROOT is not None  # filled by Settings
+        data_path = DataPath(
+            cache=cache,
+            placement=Placement(client, adapter_root=settings.BACKEND_ADAPTER_ROOT),
+            client=client,
+            max_request_bytes=settings.MAX_REQUEST_BYTES,
+        )
+        flusher = asyncio.create_task(cache.run_usage_flusher())
         try:
             yield {
                 "settings": settings,
-                "sessionmaker": create_sessionmaker(engine),
+                "sessionmaker": sessionmaker,
                 "store": AdapterStore(settings.store_root),
+                "data_path": data_path,
             }
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            with contextlib.suppress(Exception):
+                await cache.flush_key_usage()
+            await client.close()
             await engine.dispose()
 
     app = FastAPI(title="LoRA Gateway", version="0.1.0", lifespan=lifespan)

@@ -23,6 +23,15 @@ class Settings(BaseSettings):
     HOST: str = "127.0.0.1"
     PORT: int = Field(8080, ge=1, le=65535)
 
+    # Registry lookups on the request path are cached this long: a revoked key or a deleted adapter
+    # stops working within this many seconds on every replica (at once on the one that made the change).
+    CACHE_TTL_S: float = Field(5.0, ge=0.1, le=3600)
+    MAX_REQUEST_BYTES: int = Field(8 << 20, ge=1024)
+    # The adapter store's path as the vLLM backends see it (e.g. where a shared volume is mounted there).
+    BACKEND_ADAPTER_ROOT: str | None = None
+    UPSTREAM_CONNECT_TIMEOUT_S: float = Field(5.0, gt=0)
+    UPSTREAM_READ_TIMEOUT_S: float = Field(600.0, gt=0)
+
     # Upload limits: a LoRA adapter of a 70B model at r=64 is ~1 GiB; anything larger is not an adapter.
     MAX_ADAPTER_BYTES: int = Field(1 << 30, ge=1024)
     # Rank ceiling used when a base model has no backend yet (vLLM's own --max-lora-rank default is 16).
@@ -35,6 +44,8 @@ class Settings(BaseSettings):
         if self.ADAPTER_STORE is None:
             self.ADAPTER_STORE = self.DATA_DIR / "adapters"
         self.ADAPTER_STORE = self.ADAPTER_STORE.resolve()
+        if self.BACKEND_ADAPTER_ROOT is None:
+            self.BACKEND_ADAPTER_ROOT = str(self.ADAPTER_STORE)
         if self.ADMIN_API_KEY is not None and len(self.ADMIN_API_KEY.get_secret_value()) < 16:
             raise ValueError("GATEWAY_ADMIN_API_KEY must be at least 16 characters")
         return self

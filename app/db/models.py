@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Enum,
     Float,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.expression import true
 
 from app.db.base import Base, CreatedMixin, IdMixin, UTCDateTime
 
@@ -93,6 +95,8 @@ class BaseModel(IdMixin, CreatedMixin, Base):
     num_layers: Mapped[int] = mapped_column(Integer)
     # Module short name -> [in_features, out_features]: what an adapter's lora_A/lora_B must fit.
     module_shapes: Mapped[dict[str, list[int]]] = mapped_column(JSON)
+    # Whether tenants may call the base model itself (without an adapter) and see it in /v1/models.
+    public: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class Backend(IdMixin, CreatedMixin, Base):

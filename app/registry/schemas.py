@@ -59,6 +59,7 @@ class BaseModelCreate(BaseModel):
     path: str = Field(min_length=1, max_length=4096)
     aliases: list[ModelName] = Field(default_factory=list, max_length=32)
     architecture: str | None = Field(None, max_length=100)
+    public: bool = Field(True, description="Tenants may call the base model itself")
     # Optional when `path` is a local folder with config.json: then they are read from it.
     hidden_size: int | None = Field(None, ge=1)
     num_layers: int | None = Field(None, ge=1)
@@ -76,6 +77,7 @@ class BaseModelRead(_Read):
     hidden_size: int
     num_layers: int
     module_shapes: dict[str, list[int]]
+    public: bool
     created_at: datetime
 
 

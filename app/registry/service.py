@@ -155,6 +155,7 @@ async def create_base_model(session: AsyncSession, *, data: schemas.BaseModelCre
         hidden_size=facts.hidden_size,
         num_layers=facts.num_layers,
         module_shapes=facts.module_shapes,
+        public=data.public,
     )
     session.add(model)
     await _commit_unique(session, f"base model {data.name!r}")

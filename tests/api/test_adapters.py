@@ -140,7 +140,7 @@ class TestUploadAccepted:
         await upload(admin, adapter_files(seed=3), name="legal")
         key = (await registry.api_key(admin))["key"]
         resp = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
-        assert sorted(m["id"] for m in resp.json()["data"]) == ["legal", "support"]
+        assert sorted(m["id"] for m in resp.json()["data"]) == ["legal", "support", "tiny-llama"]
 
 
 def _truncated(data: bytes) -> bytes:

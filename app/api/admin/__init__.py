@@ -3,8 +3,8 @@
 from fastapi import APIRouter
 
 from app.api.admin import adapters, backends, base_models, tenants
-from app.deps import AdminDep
+from app.deps import AdminDep, AdminWriteDep
 
-router = APIRouter(prefix="/admin/v1", dependencies=[AdminDep])
+router = APIRouter(prefix="/admin/v1", dependencies=[AdminDep, AdminWriteDep])
 for module in (tenants, base_models, backends, adapters):
     router.include_router(module.router)

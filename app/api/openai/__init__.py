@@ -2,7 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api.openai import models
+from app.api.openai import completions, models
 
 router = APIRouter(prefix="/v1")
 router.include_router(models.router)
+router.include_router(completions.router)

@@ -1,0 +1,336 @@
+"""The data path: authenticate, resolve the adapter, place it, forward to vLLM, pass the answer back.
+
+Kept lean on purpose (DESIGN.md, "Proxy overhead facts"): no FastAPI body models, one JSON parse of the
+request, byte-level rewriting of responses, no database access once the registry cache is warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app import metrics, security
+from app.backends.vllm import (
+    BackendError,
+    BackendUnavailable,
+    UpstreamError,
+    VllmClient,
+    is_unknown_model,
+    parse_error,
+)
+from app.errors import (
+    GatewayError,
+    InvalidApiKey,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    error_body,
+)
+from app.registry.cache import RegistryCache
+from app.registry.snapshots import BackendView, TenantView
+from app.routing.placement import Placement
+from app.routing.resolve import Target, resolve
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+IGNORED_HEADER = "X-LoRA-Gateway-Warning"
+IGNORED_TEXT = "lora_request.lora_path was ignored: adapters are resolved by name from the registry"
+_JSON = "application/json"
+
+
+class DataPath:
+    """Everything a /v1 request needs, built once in the app's lifespan."""
+
+    def __init__(
+        self, *, cache: RegistryCache, placement: Placement, client: VllmClient, max_request_bytes: int
+    ) -> None:
+        self.cache = cache
+        self.placement = placement
+        self.client = client
+        self.max_request_bytes = max_request_bytes
+
+    async def authenticate(self, request: Request) -> TenantView:
+        token = security.bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise InvalidApiKey("missing API key: send Authorization: Bearer <key>")
+        tenant = await self.cache.tenant_for_key(security.hash_api_key(token))
+        if tenant is None:
+            raise InvalidApiKey("incorrect or revoked API key")
+        return tenant
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            raise PayloadTooLarge(f"request body exceeds {self.max_request_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise PayloadTooLarge(f"request body exceeds {self.max_request_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            body = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        return body
+
+    async def handle(self, request: Request, route: str) -> Response:
+        tenant = await self.authenticate(request)
+        body = await self.read_json(request)
+        target = await resolve(self.cache, tenant, body.get("model"), body.pop("lora_request", None))
+        stream = body.get("stream") is True
+        client_wants_usage = False
+        if stream:
+            opts = body.get("stream_options")
+            if opts is not None and not isinstance(opts, dict):
+                raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+            client_wants_usage = bool(opts and opts.get("include_usage"))
+            # Always ask for usage upstream; the chunk is dropped again if the client did not ask.
+            body["stream_options"] = {**(opts or {}), "include_usage": True}
+        body["model"] = target.served_name
+        payload = orjson.dumps(body)
+        headers = {IGNORED_HEADER: IGNORED_TEXT} if target.ignored_lora_path else {}
+
+        backends = await self.cache.shared_backends(target.base_model.id)
+        if not backends:
+            raise ServiceUnavailable(
+                f"no backend serves base model '{target.base_model.name}' right now",
+                headers={"Retry-After": "5"},
+            )
+        backend = self.placement.choose(backends, target.adapter)
+        upstream = await _unless_disconnected(request, self._send(backend, target, route, payload))
+        return self._respond(request, upstream, target, backend, stream, client_wants_usage, headers)
+
+    async def _send(
+        self, backend: BackendView, target: Target, route: str, payload: bytes
+    ) -> aiohttp.ClientResponse:
+        url = backend.url + route
+        for attempt in (1, 2):
+            if target.adapter is not None:
+                await self.placement.ensure_loaded(backend, target.adapter)
+            resp = await self.client.post(url, payload, backend=backend.name)
+            if resp.status == 200:
+                return resp
+            body = await resp.read()
+            resp.release()
+            err = parse_error(resp.status, body)
+            if target.adapter is not None and is_unknown_model(err) and attempt == 1:
+                # The backend lost the adapter (restart, manual unload): load it again and retry once;
+                # nothing has been sent to the client yet.
+                log.info("backend %s forgot %s; reloading", backend.name, target.served_name)
+                self.placement.forget(backend, target.served_name)
+                continue
+            raise _client_error(err, target)
+        raise AssertionError("unreachable")
+
+    def _respond(
+        self,
+        request: Request,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        backend: BackendView,
+        stream: bool,
+        client_wants_usage: bool,
+        headers: dict[str, str],
+    ) -> Response:
+        content_type = upstream.headers.get("Content-Type", _JSON)
+        rewrite = _Rewriter(target)
+        if stream and content_type.startswith("text/event-stream"):
+            return SseProxy(upstream, rewrite, target, client_wants_usage, headers)
+        return BufferedProxy(upstream, rewrite, target, content_type, headers)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs work, cancelling it if the client goes away first (vLLM then aborts the generation)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+def _client_error(err: UpstreamError, target: Target) -> GatewayError:
+    if err.status >= 500:
+        log.warning("backend error %s: %s", err.status, err.message)
+        return BackendError(
+            "the model backend failed to answer this request",
+            status_code=502,
+            type_="server_error",
+            param=None,
+        )
+    # 4xx: the request itself is wrong (e.g. too many tokens); say why, in the tenant's names.
+    message = err.message.replace(target.served_name, target.public_name)
+    return BackendError(message, status_code=err.status, type_="invalid_request_error", param=err.param)
+
+
+class _Rewriter:
+    """Puts the tenant's name back where the backend wrote the internal one."""
+
+    __slots__ = ("new", "old")
+
+    def __init__(self, target: Target) -> None:
+        self.old = orjson.dumps(target.served_name)
+        self.new = orjson.dumps(target.public_name)
+
+    def __call__(self, data: bytes) -> bytes:
+        return data.replace(self.old, self.new) if self.old != self.new else data
+
+
+def _headers(content_type: bytes, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type), *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+
+
+class BufferedProxy(Response):
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        rewrite: _Rewriter,
+        target: Target,
+        content_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        self.upstream, self.rewrite, self.target = upstream, rewrite, target
+        self.status_code = 200
+        self.raw_headers = _headers(content_type.encode(), headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            data = await self.upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.upstream.close()
+            err = BackendUnavailable(f"the backend connection failed ({type(exc).__name__})")
+            body = orjson.dumps(error_body(err.message, err.type, None, err.code))
+            await _send_whole(send, 502, body, [(b"content-type", b"application/json")])
+            return
+        self.upstream.release()
+        data = self.rewrite(data)
+        metrics.record_usage(self.target.base_model.name, _usage_from_body(data))
+        await _send_whole(send, 200, data, [*self.raw_headers, (b"content-length", str(len(data)).encode())])
+
+
+async def _send_whole(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _usage_from_body(data: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(data).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class SseProxy(Response):
+    """Passes SSE events through as they arrive: the tenant's model name put back, the usage chunk
+    captured (and dropped if the client did not ask for it), a backend failure ended with an error event."""
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        rewrite: _Rewriter,
+        target: Target,
+        client_wants_usage: bool,
+        headers: dict[str, str],
+    ) -> None:
+        self.upstream, self.rewrite, self.target = upstream, rewrite, target
+        self.client_wants_usage = client_wants_usage
+        self.status_code = 200
+        self.raw_headers = [*_headers(b"text/event-stream", headers), (b"cache-control", b"no-cache")]
+
+    def _on_client_gone(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            self.upstream.close()
+
+    def _events(self, block: bytes) -> bytes:
+        """Rewrites a run of complete events."""
+        block = self.rewrite(block)
+        if b'"usage":{' not in block:
+            return block
+        out = []
+        for event in block.split(b"\n\n"):
+            if not event:
+                continue
+            if b'"usage":{' in event and event.startswith(b"data: {"):
+                try:
+                    obj = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    metrics.record_usage(self.target.base_model.name, obj["usage"])
+                    if not obj.get("choices") and not self.client_wants_usage:
+                        continue
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        # A client that leaves closes the upstream connection, which makes vLLM abort the generation.
+        watcher.add_done_callback(self._on_client_gone)
+        clean = False
+        try:
+            buffer = b""
+            try:
+                async for chunk in self.upstream.content.iter_any():
+                    buffer += chunk
+                    cut = buffer.rfind(b"\n\n")
+                    if cut < 0:
+                        continue
+                    block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                    out = self._events(block)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                clean = True
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if watcher.done():
+                    return  # the client left; nothing more to say to it
+                log.warning("stream from backend broke: %s", type(exc).__name__)
+                err = error_body(
+                    "the model backend stopped while streaming", "server_error", None, "backend_error"
+                )
+                tail = b"data: " + orjson.dumps(err) + b"\n\n" + _DONE
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
+            if buffer.strip():
+                await send(
+                    {"type": "http.response.body", "body": self._events(buffer + b"\n\n"), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client's socket went away mid-send
+        finally:
+            watcher.cancel()
+            if clean:
+                self.upstream.release()
+            else:
+                self.upstream.close()

@@ -1,0 +1,150 @@
+"""Talks to vLLM backends: proxies OpenAI requests and drives the runtime LoRA API (load, unload, list).
+
+aiohttp, not httpx, carries the hot path: httpx's connection pool costs about half a millisecond per
+request under concurrency (DESIGN.md, "Proxy overhead facts"; encode/httpx#3215).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.errors import GatewayError, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(GatewayError):
+    """The backend answered with an error the gateway cannot fix; passed on in the OpenAI envelope."""
+
+    def __init__(self, message: str, *, status_code: int, type_: str, param: str | None) -> None:
+        super().__init__(message, param=param)
+        self.status_code = status_code
+        self.type = type_
+        self.code = None
+
+
+class BackendUnavailable(ServiceUnavailable):
+    def __init__(self, message: str, *, retry_after: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class AdapterMissing(Exception):
+    """The backend does not know the adapter it was asked for (it restarted, or it was unloaded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    status: int
+    message: str
+    type: str
+    param: str | None
+
+
+def parse_error(status: int, body: bytes) -> UpstreamError:
+    """vLLM's error body: {"error": {...}} now, a flat object in older releases, text for some routes."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return UpstreamError(
+            status, body.decode(errors="replace")[:500] or f"backend returned {status}", "", None
+        )
+    err = data.get("error", data) if isinstance(data, dict) else {}
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    param = err.get("param")
+    return UpstreamError(
+        status,
+        str(err.get("message") or f"backend returned {status}"),
+        str(err.get("type") or ""),
+        param if isinstance(param, str) else None,
+    )
+
+
+def is_unknown_model(err: UpstreamError) -> bool:
+    # vLLM answers 404 with param "model" for a model/adapter it does not have loaded.
+    return err.status == 404 and err.param == "model"
+
+
+class VllmClient:
+    def __init__(self, session: aiohttp.ClientSession, *, control_timeout: float = 120.0) -> None:
+        self.session = session
+        self._control_timeout = aiohttp.ClientTimeout(total=control_timeout, connect=5)
+
+    @classmethod
+    def create(cls, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> VllmClient:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        # auto_decompress off: bytes pass through untouched; skip_auto_headers keeps requests minimal.
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+        return cls(session)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def post(self, url: str, body: bytes, *, backend: str) -> aiohttp.ClientResponse:
+        """Sends a JSON request; the caller reads (and releases) the response."""
+        try:
+            return await self.session.post(url, data=body, headers={"Content-Type": "application/json"})
+        except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
+            raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
+
+    async def _control(self, method: str, url: str, *, backend: str, json: Any = None) -> tuple[int, bytes]:
+        try:
+            async with self.session.request(method, url, json=json, timeout=self._control_timeout) as resp:
+                return resp.status, await resp.read()
+        except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
+            raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
+
+    async def load_adapter(self, base_url: str, name: str, path: str, *, backend: str) -> None:
+        status, body = await self._control(
+            "POST",
+            f"{base_url}/v1/load_lora_adapter",
+            backend=backend,
+            json={"lora_name": name, "lora_path": path},
+        )
+        if status == 200:
+            return
+        err = parse_error(status, body)
+        if status == 400 and any(
+            m.get("id") == name for m in await self.list_models(base_url, backend=backend)
+        ):
+            # vLLM refuses a duplicate name with 400: loaded meanwhile (another replica, or our state was
+            # lost). The backend's own list decides, not the wording of its message.
+            return
+        log.warning("loading adapter %s on %s failed: %s %s", name, backend, status, err.message)
+        if status >= 500:
+            raise BackendError(
+                f"backend {backend} failed to load the adapter",
+                status_code=502,
+                type_="server_error",
+                param=None,
+            )
+        raise BackendError(
+            f"backend {backend} refused the adapter: {err.message}",
+            status_code=502,
+            type_="server_error",
+            param=None,
+        )
+
+    async def unload_adapter(self, base_url: str, name: str, *, backend: str) -> bool:
+        status, _ = await self._control(
+            "POST", f"{base_url}/v1/unload_lora_adapter", backend=backend, json={"lora_name": name}
+        )
+        return status == 200
+
+    async def list_models(self, base_url: str, *, backend: str) -> list[dict[str, Any]]:
+        status, body = await self._control("GET", f"{base_url}/v1/models", backend=backend)
+        if status != 200:
+            raise BackendUnavailable(f"backend {backend} answered {status} to /v1/models")
+        data = orjson.loads(body).get("data", [])
+        return [m for m in data if isinstance(m, dict)]

@@ -1,0 +1,219 @@
+"""In-process, TTL-bounded cache of the registry lookups on the request path, so a warm gateway sends
+no query to the database per request. Changes made elsewhere (another replica, a revoked key) take
+effect within the TTL; changes made through this process invalidate at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from cachetools import TTLCache
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.models import Adapter, AdapterState, ApiKey, Backend, BackendKind, BackendState, BaseModel, Tenant
+from app.registry.snapshots import AdapterView, BackendView, BaseModelView, TenantView
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_MISSING = object()
+
+
+class _Loader(Generic[K, V]):
+    """A bounded TTL map whose misses are loaded once however many requests ask at the same time."""
+
+    def __init__(self, maxsize: int, ttl: float, load: Callable[[K], Awaitable[V]]) -> None:
+        self._cache: TTLCache[K, V] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._load = load
+        self._pending: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K) -> V:
+        value = self._cache.get(key, _MISSING)
+        if value is not _MISSING:
+            return value  # type: ignore[return-value]
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            value = await self._load(key)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        finally:
+            del self._pending[key]
+        self._cache[key] = value
+        fut.set_result(value)
+        return value
+
+    def invalidate(self, key: K | None = None) -> None:
+        if key is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key, None)
+
+
+def _base_view(m: BaseModel) -> BaseModelView:
+    return BaseModelView(id=m.id, name=m.name, aliases=tuple(m.aliases), public=m.public)
+
+
+class RegistryCache:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        ttl: float,
+        maxsize: int = 100_000,
+        usage_flush_interval: float = 60.0,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self.keys: _Loader[str, TenantView | None] = _Loader(maxsize, ttl, self._load_key)
+        self.adapters: _Loader[tuple[uuid.UUID, str, int | None], AdapterView | None] = _Loader(
+            maxsize, ttl, self._load_adapter
+        )
+        self.tenant_adapters: _Loader[uuid.UUID, tuple[AdapterView, ...]] = _Loader(
+            maxsize, ttl, self._load_tenant_adapters
+        )
+        self.base_models: _Loader[str, tuple[BaseModelView, ...]] = _Loader(1, ttl, self._load_base_models)
+        self.backends: _Loader[uuid.UUID, tuple[BackendView, ...]] = _Loader(1024, ttl, self._load_backends)
+        # Key hash -> last use; written to the database in batches, never per request.
+        self._key_use: dict[str, float] = {}
+        self._usage_flush_interval = usage_flush_interval
+
+    # --- lookups -----------------------------------------------------------------------------------
+
+    async def tenant_for_key(self, key_hash: str) -> TenantView | None:
+        tenant = await self.keys.get(key_hash)
+        if tenant is not None and len(self._key_use) < 100_000:
+            self._key_use[key_hash] = time.time()
+        return tenant
+
+    async def adapter(self, tenant_id: uuid.UUID, name: str, version: int | None) -> AdapterView | None:
+        return await self.adapters.get((tenant_id, name, version))
+
+    async def base_model(self, name: str) -> BaseModelView | None:
+        for model in await self.base_models.get(""):
+            if model.name == name or name in model.aliases:
+                return model
+        return None
+
+    async def shared_backends(self, base_model_id: uuid.UUID) -> tuple[BackendView, ...]:
+        return await self.backends.get(base_model_id)
+
+    def invalidate_all(self) -> None:
+        for loader in (self.keys, self.adapters, self.tenant_adapters, self.base_models, self.backends):
+            loader.invalidate()
+
+    # --- loaders -----------------------------------------------------------------------------------
+
+    async def _load_key(self, key_hash: str) -> TenantView | None:
+        async with self._sessionmaker() as session:
+            row = (
+                await session.execute(
+                    select(Tenant.id, Tenant.name)
+                    .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                    .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+                )
+            ).first()
+        return TenantView(id=row[0], name=row[1]) if row else None
+
+    async def _adapter_rows(self, session: AsyncSession, *conds: object) -> list[AdapterView]:
+        stmt = (
+            select(Adapter, BaseModel)
+            .join(BaseModel, Adapter.base_model_id == BaseModel.id)
+            .where(Adapter.state == AdapterState.READY, *conds)  # type: ignore[arg-type]
+            .order_by(Adapter.name, Adapter.version.desc())
+        )
+        return [
+            AdapterView(
+                id=a.id,
+                tenant_id=a.tenant_id,
+                name=a.name,
+                version=a.version,
+                base_model=_base_view(m),
+                sha256=a.sha256,
+                storage_path=a.storage_path,
+                created_at=a.created_at.timestamp(),
+            )
+            for a, m in await session.execute(stmt)
+        ]
+
+    async def _load_adapter(self, key: tuple[uuid.UUID, str, int | None]) -> AdapterView | None:
+        tenant_id, name, version = key
+        conds: list[object] = [Adapter.tenant_id == tenant_id, Adapter.name == name]
+        if version is not None:
+            conds.append(Adapter.version == version)
+        async with self._sessionmaker() as session:
+            rows = await self._adapter_rows(session, *conds)
+        return rows[0] if rows else None  # newest version first
+
+    async def _load_tenant_adapters(self, tenant_id: uuid.UUID) -> tuple[AdapterView, ...]:
+        async with self._sessionmaker() as session:
+            rows = await self._adapter_rows(session, Adapter.tenant_id == tenant_id)
+        latest: dict[str, AdapterView] = {}
+        for view in rows:
+            latest.setdefault(view.name, view)
+        return tuple(latest.values())
+
+    async def _load_base_models(self, _: str) -> tuple[BaseModelView, ...]:
+        async with self._sessionmaker() as session:
+            return tuple(
+                _base_view(m) for m in await session.scalars(select(BaseModel).order_by(BaseModel.name))
+            )
+
+    async def _load_backends(self, base_model_id: uuid.UUID) -> tuple[BackendView, ...]:
+        async with self._sessionmaker() as session:
+            rows = await session.scalars(
+                select(Backend)
+                .where(
+                    Backend.base_model_id == base_model_id,
+                    Backend.kind == BackendKind.SHARED,
+                    Backend.state == BackendState.ACTIVE,
+                )
+                .order_by(Backend.name)
+            )
+            return tuple(
+                BackendView(
+                    id=b.id,
+                    name=b.name,
+                    url=b.url,
+                    base_model_id=b.base_model_id,
+                    gpu_slots=b.gpu_slots,
+                    capacity=b.capacity,
+                )
+                for b in rows
+            )
+
+    # --- key usage ---------------------------------------------------------------------------------
+
+    async def flush_key_usage(self) -> int:
+        """Writes the batched last-use times of API keys; returns how many keys were updated."""
+        used, self._key_use = self._key_use, {}
+        if not used:
+            return 0
+        async with self._sessionmaker() as session:
+            for key_hash, at in used.items():
+                await session.execute(
+                    update(ApiKey)
+                    .where(ApiKey.key_hash == key_hash)
+                    .values(last_used_at=datetime.fromtimestamp(at, UTC))
+                )
+            await session.commit()
+        return len(used)
+
+    async def run_usage_flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self._usage_flush_interval)
+            try:
+                await self.flush_key_usage()
+            except Exception:
+                import logging
+
+                logging.getLogger(__name__).exception("could not record API key usage")

@@ -1,0 +1,47 @@
+"""Read-only views of registry rows that the hot path keeps in memory (never ORM objects)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TenantView:
+    id: uuid.UUID
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class BaseModelView:
+    id: uuid.UUID
+    name: str
+    aliases: tuple[str, ...]
+    public: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterView:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    version: int
+    base_model: BaseModelView
+    sha256: str
+    storage_path: str
+    created_at: float
+
+    @property
+    def served_name(self) -> str:
+        """The opaque name the backend knows it by: from id and content, never the tenant's text."""
+        return f"lgw-{self.id.hex}-{self.sha256[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendView:
+    id: uuid.UUID
+    name: str
+    url: str
+    base_model_id: uuid.UUID
+    gpu_slots: int
+    capacity: int
