@@ -218,6 +218,7 @@ class BufferedProxy(Response):
     ) -> None:
         self.upstream, self.rewrite, self.target = upstream, rewrite, target
         self.status_code = 200
+        self.background = None
         self.raw_headers = _headers(content_type.encode(), headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -266,6 +267,7 @@ class SseProxy(Response):
         self.upstream, self.rewrite, self.target = upstream, rewrite, target
         self.client_wants_usage = client_wants_usage
         self.status_code = 200
+        self.background = None
         self.raw_headers = [*_headers(b"text/event-stream", headers), (b"cache-control", b"no-cache")]
 
     def _on_client_gone(self, watcher: asyncio.Future[None]) -> None:

