@@ -1,0 +1,630 @@
+"""What the gateway adds to a request: the same load straight to an upstream and through the gateway.
+
+It decides how the proxy overhead is measured and judged. One gateway worker runs pinned to one CPU;
+the upstream and every load generator share the other CPU, so the gateway's figures describe one
+core. Each figure is measured direct and through the gateway in the same run (alternating rounds,
+since this VM's speed drifts) and reported as a difference or ratio against the direct baseline:
+
+- max req/s: closed loop, C keep-alive connections (wrk; a Python loop when wrk is missing);
+- latency p50/p99 at a fixed open-loop rate (default 300 req/s);
+- streaming first-byte latency, one client, sequential requests.
+
+Upstreams: (a) bench/fake_upstream.py, a vLLM-shaped server that costs next to nothing, for the
+gateway's own cost, judged against the goals below; (b) with --vllm, the vLLM CPU server with a tiny
+model and adapter, at a low rate, for the overhead as users will see it.
+
+    .venv/bin/python -m bench.overhead [--vllm] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from bench import loadgen, provision
+from bench.loadgen import Latencies, Target, Throughput
+from bench.procs import (
+    Child,
+    ProcessError,
+    check_cpus,
+    cpu_busy_seconds,
+    exit_on_sigterm,
+    group_cpu_seconds,
+    own_cpu_seconds,
+    pinned,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_UPSTREAM = Path(__file__).resolve().parent / "fake_upstream.py"
+BASE_MODEL = "tiny-llama"
+# Shapes the fake adapter is checked against: module -> [in_features, out_features].
+FAKE_SHAPES = {"q_proj": [64, 64], "v_proj": [64, 32]}
+PROMPT = [{"role": "user", "content": "Say hello to the gateway benchmark in a few words."}]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    measured: float
+    limit: float
+    higher_is_better: bool
+    unit: str
+
+    @property
+    def passed(self) -> bool:
+        return self.measured >= self.limit if self.higher_is_better else self.measured <= self.limit
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How hard and how long to push one scenario."""
+
+    connections: int
+    throughput_s: float
+    rate: float
+    latency_s: float
+    stream_requests: int
+    rounds: int
+    max_tokens: int
+
+
+@dataclass
+class Comparison:
+    """Every figure of one scenario, direct and through the gateway."""
+
+    scenario: str
+    route: str
+    plan: Plan
+    direct_model: str
+    throughput: dict[str, list[Throughput]] = field(default_factory=dict)
+    gateway_cpu_busy: list[float] = field(default_factory=list)  # share of one core, per gateway round
+    latency: dict[str, Latencies] = field(default_factory=dict)
+    first_byte: dict[str, Latencies] = field(default_factory=dict)
+    # Share of each CPU that processes outside this run (and the hypervisor) took while it measured.
+    foreign_cpu: dict[str, float] = field(default_factory=dict)
+
+    def best_rps(self, side: str) -> float:
+        return max(t.rps for t in self.throughput[side])
+
+
+# --- running things ----------------------------------------------------------------------------------
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one measurement on a fresh loop, uvloop when installed (both sides get the same client)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def log(message: str) -> None:
+    print(f"-- {message}", file=sys.stderr, flush=True)  # noqa: T201 (progress on stderr, results on stdout)
+
+
+@contextlib.contextmanager
+def started(child: Child, ready_url: str, timeout_s: float = 60) -> Iterator[Child]:
+    with child:
+        child.wait_http(ready_url, timeout_s=timeout_s)
+        yield child
+
+
+def targets(
+    *,
+    route: str,
+    gateway: str,
+    upstream: str,
+    tenant_key: str,
+    adapter: str,
+    direct_model: str,
+    max_tokens: int,
+    stream: bool,
+) -> tuple[Target, Target]:
+    """The same request direct and through the gateway; only URL and `model` differ."""
+    # Both sides carry the same headers, so that request sizes match; the upstream ignores the key.
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {tenant_key}"}
+    if route == "models":
+        return (
+            Target("direct", f"{upstream}/v1/models", "GET", headers),
+            Target("gateway", f"{gateway}/v1/models", "GET", headers),
+        )
+
+    def body(model: str) -> bytes:
+        payload: dict[str, Any] = {"model": model, "messages": PROMPT, "max_tokens": max_tokens}
+        if stream:
+            payload["stream"] = True
+        # temperature 0: on vLLM both sides then generate the same tokens, so the work is equal.
+        payload["temperature"] = 0
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+    path = "/v1/chat/completions"
+    return (
+        Target("direct", f"{upstream}{path}", "POST", headers, body(direct_model)),
+        Target("gateway", f"{gateway}{path}", "POST", headers, body(adapter)),
+    )
+
+
+def warm_up_gateway(gateway_url: str, tenant_key: str, adapter: str, route: str) -> None:
+    """One request through the gateway: it loads the adapter upstream and fills the gateway's caches."""
+    headers = {"Authorization": f"Bearer {tenant_key}"}
+    with httpx.Client(timeout=120) as client:
+        if route == "models":
+            response = client.get(f"{gateway_url}/v1/models", headers=headers)
+        else:
+            body = {"model": adapter, "messages": PROMPT, "max_tokens": 4}
+            response = client.post(f"{gateway_url}/v1/chat/completions", headers=headers, json=body)
+    if response.status_code != 200:
+        hint = ""
+        if route == "chat" and response.status_code in (404, 405):
+            hint = "\n(no /v1/chat/completions on this gateway yet? --route models exercises the harness)"
+        raise SystemExit(
+            f"warm-up through the gateway failed: {response.status_code} {response.text[:500]}{hint}"
+        )
+
+
+def loaded_adapter_name(upstream_url: str, fallback: str) -> str:
+    """The name under which the gateway loaded the adapter upstream (vLLM's own list), else the base."""
+    models = httpx.get(f"{upstream_url}/v1/models", timeout=30).json()["data"]
+    adapters = [m["id"] for m in models if m.get("parent")]
+    return adapters[0] if adapters else fallback
+
+
+def measure(
+    comparison: Comparison,
+    pair: tuple[Target, Target],
+    stream_pair: tuple[Target, Target] | None,
+    *,
+    gateway: Child,
+    upstream_pgid: int,
+    cpus: tuple[int, int],
+) -> None:
+    """All three measurements, alternating direct and gateway round by round."""
+    gateway_cpu, client_cpu_id = cpus
+    client_cpu = str(client_cpu_id)
+    busy_before, started_at = cpu_busy_seconds(), time.monotonic()
+    ours_before = (gateway.cpu_seconds(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
+    _measure(comparison, pair, stream_pair, gateway=gateway, client_cpu=client_cpu)
+    wall = time.monotonic() - started_at
+    busy_after = cpu_busy_seconds()
+    ours_after = (gateway.cpu_seconds(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
+    for key, cpu, before, after in (
+        ("gateway_cpu", gateway_cpu, ours_before[0], ours_after[0]),
+        ("client_cpu", client_cpu_id, ours_before[1], ours_after[1]),
+    ):
+        foreign = (busy_after[cpu] - busy_before[cpu]) - (after - before)
+        comparison.foreign_cpu[key] = max(0.0, foreign / wall)
+
+
+def _measure(
+    comparison: Comparison,
+    pair: tuple[Target, Target],
+    stream_pair: tuple[Target, Target] | None,
+    *,
+    gateway: Child,
+    client_cpu: str,
+) -> None:
+    plan = comparison.plan
+    use_wrk = loadgen.have_wrk()
+    round_s = plan.throughput_s / plan.rounds
+
+    def closed(target: Target, seconds: float) -> Throughput:
+        if use_wrk:
+            return loadgen.wrk(target, cpu=client_cpu, connections=plan.connections, seconds=seconds)
+        return run_async(loadgen.closed_loop(target, connections=plan.connections, seconds=seconds))
+
+    log(
+        f"max req/s: {plan.rounds} x {round_s:.0f} s per side, {plan.connections} connections "
+        f"({'wrk' if use_wrk else 'Python client'})"
+    )
+    for target in pair:
+        closed(target, 1)  # warm-up: connections, caches, the adapter load
+    for target in pair * plan.rounds:
+        cpu_before = gateway.cpu_seconds()
+        throughput = closed(target, round_s)
+        if target.label == "gateway":
+            comparison.gateway_cpu_busy.append((gateway.cpu_seconds() - cpu_before) / throughput.seconds)
+        comparison.throughput.setdefault(target.label, []).append(throughput)
+        log(f"  {target.label}: {throughput.rps:,.0f} req/s")
+
+    latency_s = plan.latency_s / plan.rounds
+    log(f"latency at {plan.rate:g} req/s: {plan.rounds} x {latency_s:.0f} s per side")
+    parts: dict[str, list[Latencies]] = {t.label: [] for t in pair}
+    for target in pair:
+        run_async(loadgen.fixed_rate(target, rate=plan.rate, seconds=1))  # warm-up
+    for target in pair * plan.rounds:
+        latencies = run_async(loadgen.fixed_rate(target, rate=plan.rate, seconds=latency_s))
+        parts[target.label].append(latencies)
+        log(f"  {target.label}: p50 {latencies.p50_ms:.2f} ms, p99 {latencies.p99_ms:.2f} ms")
+    comparison.latency = {label: loadgen.merge(p) for label, p in parts.items()}
+
+    if stream_pair is not None:
+        log(f"stream first byte: {plan.stream_requests} sequential requests per side, alternating")
+        run_async(loadgen.first_bytes(stream_pair, requests=max(1, plan.stream_requests // 10)))  # warm-up
+        direct, through = run_async(loadgen.first_bytes(stream_pair, requests=plan.stream_requests))
+        comparison.first_byte = {"direct": direct, "gateway": through}
+
+
+# --- scenarios ---------------------------------------------------------------------------------------
+
+
+def fake_scenario(args: argparse.Namespace, work: Path) -> Comparison:
+    gateway_cpu, client_cpu = str(args.gateway_cpu), str(args.client_cpu)
+    upstream_url = f"http://127.0.0.1:{free_port()}"
+    upstream = Child(
+        "fake upstream",
+        pinned(
+            client_cpu,
+            [
+                sys.executable,
+                str(FAKE_UPSTREAM),
+                "--port",
+                upstream_url.rsplit(":", 1)[1],
+                "--model",
+                BASE_MODEL,
+            ],
+        ),
+        log_path=work / "fake-upstream.log",
+    )
+    log(f"fake upstream on CPU {client_cpu}: {upstream_url}")
+    with started(upstream, f"{upstream_url}/health"):
+        data_dir = work / "gateway-fake"
+        data_dir.mkdir()
+        admin_key = provision.new_admin_key()
+        port = free_port()
+        log(f"gateway on CPU {gateway_cpu}: http://127.0.0.1:{port} (data dir {data_dir})")
+        gateway_url = f"http://127.0.0.1:{port}"
+        child = provision.gateway(data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu)
+        with started(child, f"{gateway_url}/healthz") as gw:
+            adapter_dir = provision.write_fake_adapter(
+                work / "fake-adapter", base_model=BASE_MODEL, num_layers=2, shapes=FAKE_SHAPES
+            )
+            admin = provision.Admin(gateway_url, admin_key)
+            try:
+                tenant_key = admin.provision(
+                    base_model={
+                        "name": BASE_MODEL,
+                        "path": "/models/tiny",
+                        "hidden_size": 64,
+                        "num_layers": 2,
+                        "module_shapes": FAKE_SHAPES,
+                    },
+                    backend_url=upstream_url,
+                    gpu_slots=8,
+                    max_lora_rank=16,
+                    adapter_dir=adapter_dir,
+                )
+            finally:
+                admin.close()
+            warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
+            direct_model = loaded_adapter_name(upstream_url, BASE_MODEL)
+            plan = Plan(
+                connections=args.connections,
+                throughput_s=args.throughput_seconds,
+                rate=args.rate,
+                latency_s=args.latency_seconds,
+                stream_requests=args.stream_requests,
+                rounds=args.rounds,
+                max_tokens=16,
+            )
+            comparison = Comparison("fake upstream", args.route, plan, direct_model)
+            common = {
+                "route": args.route,
+                "gateway": gateway_url,
+                "upstream": upstream_url,
+                "tenant_key": tenant_key,
+                "adapter": provision.ADAPTER,
+                "direct_model": direct_model,
+                "max_tokens": plan.max_tokens,
+            }
+            pair = targets(**common, stream=False)
+            stream_pair = targets(**common, stream=True) if args.route == "chat" else None
+            cpus = (args.gateway_cpu, args.client_cpu)
+            measure(comparison, pair, stream_pair, gateway=gw, upstream_pgid=upstream.pid, cpus=cpus)
+            return comparison
+
+
+def vllm_scenario(args: argparse.Namespace, work: Path) -> Comparison:
+    # Imported here: the fake scenario needs neither torch nor the vLLM venv.
+    from app.backends.launcher import VllmCpuConfig, VllmCpuServer
+    from app.devkit.tinymodel import build_tiny_model
+
+    gateway_cpu, client_cpu = str(args.gateway_cpu), str(args.client_cpu)
+    log(f"tiny model and adapter in {args.vllm_cache} (reused when already built)")
+    tiny = build_tiny_model(args.vllm_cache / "tiny", n_adapters=1, rank=8, base_model_name=BASE_MODEL)
+
+    class PinnedVllm(VllmCpuServer):
+        # vLLM shares the client CPU with the load generator, as the fake upstream does.
+        def command(self) -> list[str]:
+            return pinned(client_cpu, super().command())
+
+    config = VllmCpuConfig(
+        model=tiny.base,
+        served_model_name=BASE_MODEL,
+        venv=args.vllm_venv,
+        max_loras=2,
+        max_lora_rank=8,
+        kv_cache_bytes=64 << 20,
+        log_path=work / "vllm.log",
+        startup_timeout_s=300,
+        # vLLM binds its OpenMP threads itself; keep them on the CPU the process is pinned to.
+        extra_env={"VLLM_CPU_OMP_THREADS_BIND": client_cpu},
+    )
+    log(f"vLLM CPU server on CPU {client_cpu} (ready in ~30-60 s; log {config.log_path})")
+    with PinnedVllm(config) as vllm:
+        upstream_url = vllm.base_url
+        data_dir = work / "gateway-vllm"
+        data_dir.mkdir()
+        admin_key = provision.new_admin_key()
+        port = free_port()
+        gateway_url = f"http://127.0.0.1:{port}"
+        log(f"gateway on CPU {gateway_cpu}: {gateway_url} (data dir {data_dir})")
+        child = provision.gateway(data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu)
+        with started(child, f"{gateway_url}/healthz") as gw:
+            admin = provision.Admin(gateway_url, admin_key)
+            try:
+                # The base model's shapes are read from its config.json by the gateway.
+                tenant_key = admin.provision(
+                    base_model={"name": BASE_MODEL, "path": str(tiny.base)},
+                    backend_url=upstream_url,
+                    gpu_slots=2,
+                    max_lora_rank=8,
+                    adapter_dir=tiny.adapters[0],
+                )
+            finally:
+                admin.close()
+            warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
+            direct_model = loaded_adapter_name(upstream_url, BASE_MODEL)
+            plan = Plan(
+                connections=args.vllm_connections,
+                throughput_s=args.vllm_throughput_seconds,
+                rate=args.vllm_rate,
+                latency_s=args.vllm_latency_seconds,
+                stream_requests=args.vllm_stream_requests,
+                rounds=args.rounds,
+                max_tokens=8,
+            )
+            comparison = Comparison("vLLM CPU", args.route, plan, direct_model)
+            common = {
+                "route": args.route,
+                "gateway": gateway_url,
+                "upstream": upstream_url,
+                "tenant_key": tenant_key,
+                "adapter": provision.ADAPTER,
+                "direct_model": direct_model,
+                "max_tokens": plan.max_tokens,
+            }
+            pair = targets(**common, stream=False)
+            stream_pair = targets(**common, stream=True) if args.route == "chat" else None
+            cpus = (args.gateway_cpu, args.client_cpu)
+            if vllm.pid is None:
+                raise RuntimeError("vLLM server stopped before the measurements")
+            measure(comparison, pair, stream_pair, gateway=gw, upstream_pgid=vllm.pid, cpus=cpus)
+            return comparison
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def goals(c: Comparison) -> list[Goal]:
+    found = [
+        Goal("max req/s through one gateway core", c.best_rps("gateway"), 4000, True, "req/s"),
+        Goal(
+            f"added latency p50 at {c.plan.rate:g} req/s",
+            c.latency["gateway"].p50_ms - c.latency["direct"].p50_ms,
+            1.0,
+            False,
+            "ms",
+        ),
+        Goal(
+            f"added latency p99 at {c.plan.rate:g} req/s",
+            c.latency["gateway"].p99_ms - c.latency["direct"].p99_ms,
+            2.0,
+            False,
+            "ms",
+        ),
+    ]
+    if c.first_byte:
+        added = c.first_byte["gateway"].p50_ms - c.first_byte["direct"].p50_ms
+        found.append(Goal("added streaming first byte p50", added, 1.0, False, "ms"))
+    return found
+
+
+def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
+    plan = c.plan
+    route = "GET /v1/models" if c.route == "models" else "POST /v1/chat/completions"
+    tool = c.throughput["gateway"][0].tool
+    lines = [
+        f"== {c.scenario}: {route}, max_tokens {plan.max_tokens} ==",
+        f"gateway: 1 worker on CPU {args.gateway_cpu}; upstream and load generators on CPU {args.client_cpu}",
+        f"model: direct {c.direct_model!r}, through the gateway {provision.ADAPTER!r}",
+        f"{'':40}{'direct':>12}{'gateway':>12}   gateway vs direct",
+    ]
+
+    def row(name: str, direct: float, gateway: float, fmt: str, versus: str) -> None:
+        lines.append(f"{name:40}{format(direct, fmt):>12}{format(gateway, fmt):>12}   {versus}")
+
+    d, g = c.best_rps("direct"), c.best_rps("gateway")
+    busy = max(c.gateway_cpu_busy, default=0.0)
+    row(
+        f"max req/s ({tool}, {plan.connections} conn, best of {plan.rounds})",
+        d,
+        g,
+        ",.0f",
+        f"{g / d:.2f}x   (gateway CPU {busy:.0%} of one core)",
+    )
+    for q in (50, 99):
+        dl, gl = c.latency["direct"].pct_ms(q), c.latency["gateway"].pct_ms(q)
+        row(f"latency p{q} at {plan.rate:g} req/s (ms)", dl, gl, ".2f", f"{gl - dl:+.2f} ms")
+    for q in (50, 99):
+        if c.first_byte:
+            dl, gl = c.first_byte["direct"].pct_ms(q), c.first_byte["gateway"].pct_ms(q)
+            row(f"stream first byte p{q}, 1 client (ms)", dl, gl, ".2f", f"{gl - dl:+.2f} ms")
+    for key, cpu in (("gateway_cpu", args.gateway_cpu), ("client_cpu", args.client_cpu)):
+        if c.foreign_cpu.get(key, 0.0) > 0.05:
+            lines.append(
+                f"note: other processes took {c.foreign_cpu[key]:.0%} of CPU {cpu} during the run: "
+                "figures are noisy; run on a quiet machine"
+            )
+    lag = max(c.latency["direct"].max_send_lag_ms, c.latency["gateway"].max_send_lag_ms)
+    if lag > 5:
+        lines.append(f"note: the open-loop sender ran up to {lag:.1f} ms late; latency figures are suspect")
+    if busy and busy < 0.85:
+        lines.append(
+            f"note: the gateway used only {busy:.0%} of its core at max load: the limit may be "
+            "the client or upstream CPU, not the gateway"
+        )
+    if judge:
+        lines.append("goals (against the direct baseline of this run):")
+        for goal in goals(c):
+            sign = ">=" if goal.higher_is_better else "<="
+            value = f"{goal.measured:,.0f}" if goal.unit == "req/s" else f"{goal.measured:+.2f}"
+            lines.append(
+                f"  {'PASS' if goal.passed else 'MISS'}  {goal.text} {sign} {goal.limit:,g} {goal.unit}: "
+                f"{value} {goal.unit}"
+            )
+    return "\n".join(lines)
+
+
+def as_json(c: Comparison) -> dict[str, Any]:
+    def lat(x: Latencies) -> dict[str, float]:
+        return {
+            "n": len(x.samples),
+            "p50_ms": x.p50_ms,
+            "p90_ms": x.pct_ms(90),
+            "p99_ms": x.p99_ms,
+            "max_send_lag_ms": x.max_send_lag_ms,
+        }
+
+    return {
+        "scenario": c.scenario,
+        "route": c.route,
+        "plan": asdict(c.plan),
+        "direct_model": c.direct_model,
+        "throughput": {k: [{**asdict(t), "rps": t.rps} for t in v] for k, v in c.throughput.items()},
+        "gateway_cpu_busy": c.gateway_cpu_busy,
+        "foreign_cpu": c.foreign_cpu,
+        "latency": {k: lat(v) for k, v in c.latency.items()},
+        "first_byte": {k: lat(v) for k, v in c.first_byte.items()},
+        "goals": [{**asdict(g), "passed": g.passed} for g in goals(c)]
+        if c.scenario == "fake upstream"
+        else [],
+    }
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def warn_if_busy(cpus: tuple[int, ...], seconds: float = 1.0) -> None:
+    """The figures assume two otherwise idle CPUs: say so up front when they are not."""
+    before = cpu_busy_seconds()
+    time.sleep(seconds)
+    after = cpu_busy_seconds()
+    for cpu in cpus:
+        busy = (after[cpu] - before[cpu]) / seconds
+        if busy > 0.1:
+            log(f"warning: CPU {cpu} is already {busy:.0%} busy before the run: figures will be noisy")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.overhead",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--gateway-cpu", type=int, default=0, help="the one CPU the gateway worker runs on")
+    p.add_argument("--client-cpu", type=int, default=1, help="CPU of the upstream and the load generators")
+    p.add_argument(
+        "--route",
+        choices=("chat", "models"),
+        default="chat",
+        help="chat: POST /v1/chat/completions; models: GET /v1/models (auth + registry only)",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds per figure")
+    p.add_argument("--connections", type=int, default=64, help="closed-loop connections (max req/s)")
+    p.add_argument("--throughput-seconds", type=float, default=10, help="closed-loop seconds per side")
+    p.add_argument("--rate", type=float, default=300, help="open-loop rate for the latency figures")
+    p.add_argument("--latency-seconds", type=float, default=10, help="open-loop seconds per side")
+    p.add_argument("--stream-requests", type=int, default=300, help="sequential streams per side")
+    p.add_argument("--no-fake", action="store_true", help="skip the fake-upstream scenario")
+    p.add_argument("--vllm", action="store_true", help="also measure against the vLLM CPU server")
+    p.add_argument(
+        "--vllm-venv", type=Path, default=REPO / ".venv-vllm", help="scripts/setup-vllm-cpu.sh's venv"
+    )
+    p.add_argument("--vllm-cache", type=Path, default=REPO / "data" / "bench", help="tiny model build cache")
+    p.add_argument("--vllm-rate", type=float, default=5, help="open-loop rate against vLLM")
+    p.add_argument("--vllm-latency-seconds", type=float, default=20, help="open-loop seconds per side")
+    p.add_argument("--vllm-connections", type=int, default=8, help="closed-loop connections against vLLM")
+    p.add_argument("--vllm-throughput-seconds", type=float, default=10, help="closed-loop seconds per side")
+    p.add_argument("--vllm-stream-requests", type=int, default=30, help="sequential streams per side")
+    p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
+    args = p.parse_args(argv)
+    if args.no_fake and not args.vllm:
+        p.error("--no-fake leaves nothing to measure without --vllm")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_cpus(args.gateway_cpu, args.client_cpu)
+    if not provision.gateway_bin().exists():
+        raise SystemExit(f"{provision.gateway_bin()} not found: run `make venv` and use .venv/bin/python")
+    if not loadgen.have_wrk():
+        log(
+            "wrk not found (apt-get install -y wrk): max req/s falls back to a Python client, which "
+            "may saturate before the gateway does"
+        )
+    exit_on_sigterm()
+    warn_if_busy((args.gateway_cpu, args.client_cpu))
+    # This process is the Python load generator: it belongs on the client CPU with the upstream.
+    os.sched_setaffinity(0, {args.client_cpu})
+    work = Path(tempfile.mkdtemp(prefix="lora-gw-bench-"))
+    keep = args.keep
+    results: list[Comparison] = []
+    try:
+        if not args.no_fake:
+            results.append(fake_scenario(args, work))
+            print(render(results[-1], args, judge=True), flush=True)  # noqa: T201
+        if args.vllm:
+            results.append(vllm_scenario(args, work))
+            print(("\n" if len(results) > 1 else "") + render(results[-1], args, judge=False), flush=True)  # noqa: T201
+    except (ProcessError, loadgen.LoadError, RuntimeError) as exc:
+        keep = True
+        raise SystemExit(f"benchmark failed: {exc}\n(logs kept in {work})") from exc
+    finally:
+        if keep:
+            log(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps([as_json(c) for c in results], indent=2) + "\n")
+    failed = [g for c in results if c.scenario == "fake upstream" for g in goals(c) if not g.passed]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

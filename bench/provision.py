@@ -1,0 +1,148 @@
+"""A throw-away gateway for one benchmark run: its own data dir, database, admin key and tenant.
+
+It decides what the gateway under test holds: one base model, one backend (the upstream being
+measured), one tenant with one API key and one adapter, all made through the admin API exactly as an
+operator would, on the embedded SQLite default in a temporary directory, so that a run touches no
+developer data and needs no Postgres or Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from safetensors.numpy import save_file
+
+from bench.procs import Child, pinned, run_to_end
+
+TENANT = "bench"
+ADAPTER = "bench-adapter"
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    tenant_key: str
+    adapter: str  # the name the tenant calls it by
+
+
+def gateway_bin() -> Path:
+    """`lora-gateway` from the venv running this script (the project's .venv)."""
+    return Path(sys.executable).parent / "lora-gateway"
+
+
+def gateway_env(data_dir: Path, admin_key: str) -> dict[str, str]:
+    # Drop the caller's GATEWAY_* settings (a Postgres URL, another store): a run uses only its
+    # temporary embedded defaults.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        {
+            "GATEWAY_DATA_DIR": str(data_dir),
+            "GATEWAY_ADMIN_API_KEY": admin_key,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def new_admin_key() -> str:
+    return secrets.token_hex(16)  # 32 characters
+
+
+def gateway(*, data_dir: Path, admin_key: str, port: int, cpu: str) -> Child:
+    """Migrate a fresh database; return (not yet started) `lora-gateway serve`, one worker on `cpu`.
+
+    The working directory is the data dir, so that a developer's .env in the repository cannot
+    point the run at another database.
+    """
+    env = gateway_env(data_dir, admin_key)
+    binary = str(gateway_bin())
+    run_to_end([binary, "migrate"], env=env, cwd=data_dir, timeout_s=120)
+    return Child(
+        "gateway",
+        pinned(cpu, [binary, "serve", "--host", "127.0.0.1", "--port", str(port)]),
+        log_path=data_dir / "gateway.log",
+        env=env,
+        cwd=data_dir,
+    )
+
+
+def write_fake_adapter(
+    out: Path, *, base_model: str, num_layers: int, shapes: dict[str, list[int]], rank: int = 8
+) -> Path:
+    """The two files peft writes, made with numpy: lora_A [r, in] and lora_B [out, r] per module."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors: dict[str, np.ndarray] = {}
+    for layer in range(num_layers):
+        for module, (fan_in, fan_out) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, fan_in), dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((fan_out, rank), dtype=np.float32)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": sorted(shapes),
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+class Admin:
+    """The few admin API calls a run needs; any answer but 2xx stops the run with the gateway's words."""
+
+    def __init__(self, url: str, admin_key: str) -> None:
+        self.client = httpx.Client(
+            base_url=f"{url}/admin/v1", headers={"Authorization": f"Bearer {admin_key}"}, timeout=60.0
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.client.request(method, path, **kwargs)
+        if response.status_code >= 300:
+            raise RuntimeError(f"admin {method} {path} -> {response.status_code}: {response.text}")
+        return response.json() if response.content else None
+
+    def provision(
+        self,
+        *,
+        base_model: dict[str, Any],
+        backend_url: str,
+        gpu_slots: int,
+        max_lora_rank: int,
+        adapter_dir: Path,
+    ) -> str:
+        """Base model, backend, tenant, key and adapter; returns the tenant's API key."""
+        self._call("POST", "/base-models", json=base_model)
+        self._call(
+            "POST",
+            "/backends",
+            json={
+                "name": "bench-upstream",
+                "url": backend_url,
+                "base_model": base_model["name"],
+                "gpu_slots": gpu_slots,
+                "max_lora_rank": max_lora_rank,
+            },
+        )
+        self._call("POST", "/tenants", json={"name": TENANT})
+        key: str = self._call("POST", f"/tenants/{TENANT}/api-keys", json={"name": "bench"})["key"]
+        files = [
+            ("file", (name, (adapter_dir / name).read_bytes(), "application/octet-stream"))
+            for name in ("adapter_config.json", "adapter_model.safetensors")
+        ]
+        self._call("POST", f"/tenants/{TENANT}/adapters", data={"name": ADAPTER}, files=files)
+        return key
