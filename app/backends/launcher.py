@@ -25,8 +25,9 @@ from typing import IO, Self
 
 import httpx
 
-# The runtime LoRA API is off by default; the CPU KV cache (GiB) otherwise defaults to 4 GiB, which
-# is far more than tiny test models need; nothing may be fetched from the hub or phoned home.
+# The runtime LoRA API is off by default. Unset, the CPU KV cache (GiB) is sized from a fraction of
+# host memory, far more than tiny models need, and several servers could not share this machine.
+# Nothing may be fetched from the hub or reported home.
 BASE_ENV: Mapping[str, str] = {
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -167,17 +168,17 @@ class VllmCpuServer:
                 await asyncio.sleep(_POLL_INTERVAL_S)
 
     def _ready_or_raise(self, health_status: int | None) -> bool:
-        process = self._require_process()
-        if health_status == 200:
-            self.startup_s = time.monotonic() - self._started_at
-            return True
-        returncode = process.poll()
+        # Exit first: a server that died (say, port taken) must not pass on another one's /health.
+        returncode = self._require_process().poll()
         if returncode is not None:
             self.stop()
             raise VllmLaunchError(
                 f"vLLM exited with status {returncode} before it was ready; "
                 f"log {self.log_path}:\n{self.log_tail()}"
             )
+        if health_status == 200:
+            self.startup_s = time.monotonic() - self._started_at
+            return True
         if time.monotonic() - self._started_at > self.config.startup_timeout_s:
             self.stop()
             raise VllmLaunchError(
