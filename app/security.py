@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+from pathlib import Path
 
 KEY_PREFIX = "lgw-"
 ADMIN_KEY_PREFIX = "lgw-admin-"
@@ -40,3 +42,16 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def write_secret_file(path: Path, secret: str) -> None:
+    """Replaces path with secret, readable by the owner only (never world-readable, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
+def read_secret_file(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None

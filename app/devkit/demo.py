@@ -1,0 +1,166 @@
+"""`lora-gateway demo` (what `make run` starts): the whole product on embedded defaults, offline.
+
+Builds the tiny model and two demo adapters if missing, starts vLLM's CPU build on it, starts the
+gateway (SQLite), registers base model, backend, a demo tenant and its adapters through the admin API,
+and prints a working API key with an `openai` snippet. Idempotent across runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import httpx
+import uvicorn
+from rich.console import Console
+
+from app import security
+from app.backends.launcher import VllmCpuConfig, VllmCpuServer
+from app.main import create_app
+from app.settings import Settings
+
+BASE = "tiny-llama"
+TENANT = "demo"
+ADAPTERS = ("support", "legal")
+console = Console(soft_wrap=True)
+
+
+async def _ok(resp: httpx.Response, *allowed: int) -> httpx.Response:
+    if resp.is_success or resp.status_code in allowed:
+        return resp
+    raise RuntimeError(f"{resp.request.method} {resp.request.url.path}: {resp.status_code} {resp.text}")
+
+
+def _adapter_files(folder: Path) -> list[tuple[str, tuple[str, bytes]]]:
+    return [("file", (p.name, p.read_bytes())) for p in sorted(folder.glob("adapter_*"))]
+
+
+async def _register(
+    admin: httpx.AsyncClient, model_dir: Path, adapter_dirs: tuple[Path, ...], vllm_url: str
+) -> None:
+    await _ok(await admin.post("/base-models", json={"name": BASE, "path": str(model_dir)}), 409)
+    backend = await admin.get("/backends/demo-cpu")
+    if backend.status_code == 200 and backend.json()["url"] != vllm_url:
+        await _ok(await admin.delete("/backends/demo-cpu"))
+    await _ok(
+        await admin.post(
+            "/backends",
+            json={
+                "name": "demo-cpu",
+                "url": vllm_url,
+                "base_model": BASE,
+                "gpu_slots": 4,
+                "max_lora_rank": 8,
+                "capacity": 8,
+            },
+        ),
+        409,
+    )
+    await _ok(await admin.post("/tenants", json={"name": TENANT, "display_name": "Demo tenant"}), 409)
+    existing = {a["name"] for a in (await admin.get(f"/tenants/{TENANT}/adapters")).json()["data"]}
+    for name, folder in zip(ADAPTERS, adapter_dirs, strict=True):
+        if name in existing:
+            continue
+        files = await asyncio.to_thread(_adapter_files, folder)
+        await _ok(await admin.post(f"/tenants/{TENANT}/adapters", data={"name": name}, files=files))
+
+
+async def _demo_key(admin: httpx.AsyncClient, gateway_url: str, key_file: Path) -> str:
+    """The demo tenant's key, kept (0600) beside the database so re-runs print the same working key."""
+    key = await asyncio.to_thread(security.read_secret_file, key_file)
+    if key:
+        async with httpx.AsyncClient() as c:
+            if (
+                await c.get(f"{gateway_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+            ).status_code == 200:
+                return key
+    created = await _ok(await admin.post(f"/tenants/{TENANT}/api-keys", json={"name": "make-run"}))
+    key = str(created.json()["key"])
+    await asyncio.to_thread(security.write_secret_file, key_file, key)
+    return key
+
+
+def _snippet(url: str, key: str) -> str:
+    return f'''from openai import OpenAI
+
+client = OpenAI(base_url="{url}/v1", api_key="{key}")
+response = client.chat.completions.create(
+    model="support",
+    messages=[{{"role": "user", "content": "My billing invoice shows the wrong amount."}}],
+    max_tokens=32,
+)
+print(response.choices[0].message.content)'''
+
+
+async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_port: int) -> None:
+    from app.devkit.tinymodel import build_tiny_model  # torch & co. only here, never in the gateway
+
+    data = settings.DATA_DIR
+    console.print("building the tiny demo model and adapters (first run only) ...")
+    tiny = await asyncio.to_thread(
+        build_tiny_model, data / "demo-model", n_adapters=len(ADAPTERS), base_model_name=BASE
+    )
+
+    vllm = VllmCpuServer(
+        VllmCpuConfig(
+            model=tiny.base,
+            served_model_name=BASE,
+            venv=vllm_venv,
+            port=vllm_port,
+            max_loras=4,
+            max_lora_rank=8,
+            max_cpu_loras=8,
+            kv_cache_bytes=64 << 20,
+            log_path=data / "vllm.log",
+        )
+    )
+    console.print(f"starting vLLM (CPU build) on port {vllm_port}; log: {data / 'vllm.log'} ...")
+    vllm.start()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=settings.HOST,
+            port=settings.PORT,
+            loop="none",
+            http="httptools",
+            log_level="warning",
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    url = f"http://{settings.HOST}:{settings.PORT}"
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()
+                raise RuntimeError("the gateway stopped during start-up")
+            await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(
+            base_url=f"{url}/admin/v1", headers={"Authorization": f"Bearer {admin_key}"}, timeout=120
+        ) as admin:
+            await _register(admin, tiny.base, tiny.adapters, vllm.base_url)
+            key = await _demo_key(admin, url, data / "demo-api-key")
+        await vllm.wait_ready_async()
+        console.print(
+            f"\n[bold green]LoRA Gateway is serving {BASE} with adapters {', '.join(ADAPTERS)}[/bold green]"
+        )
+        console.print(f"gateway:        {url}   (vLLM: {vllm.base_url}, ready in {vllm.startup_s:.0f} s)")
+        console.print(f"admin API key:  {admin_key}")
+        console.print(f"tenant API key: {key}   (tenant '{TENANT}')\n")
+        console.print(f"curl {url}/v1/models -H 'Authorization: Bearer {key}'\n")
+        console.print(_snippet(url, key), highlight=False)
+        console.print("\nCtrl-C stops the gateway and vLLM.")
+        await serving
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(serving, 10)
+        vllm.stop()
+
+
+def main(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_port: int) -> None:
+    import uvloop
+
+    # uvicorn's own signal handling only sets should_exit; the finally above then stops vLLM too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    uvloop.run(run_demo(settings, admin_key=admin_key, vllm_venv=vllm_venv, vllm_port=vllm_port))
