@@ -1,0 +1,142 @@
+"""The data path's own logic, in-process: SSE framing and rewriting, usage handling, fault mapping,
+and no database work per request once the registry cache is warm."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from tests.factories import registry
+from tests.factories.adapters import TINY_BASE, adapter_files, multipart
+from tests.fixtures.faulty_upstream import Script, serve
+
+
+@pytest.fixture
+def script() -> Script:
+    return Script()
+
+
+@pytest.fixture
+async def upstream(script: Script) -> AsyncIterator[str]:
+    async for url in serve(script, TINY_BASE):
+        yield url
+
+
+@pytest.fixture
+async def tenant_key(admin: httpx.AsyncClient, upstream: str) -> str:
+    await registry.tenant(admin)
+    await registry.base_model(admin)
+    resp = await admin.post(
+        "/admin/v1/backends",
+        json={
+            "name": "up",
+            "url": upstream,
+            "base_model": TINY_BASE,
+            "gpu_slots": 4,
+            "max_lora_rank": 16,
+        },
+    )
+    assert resp.status_code == 201, resp.text
+    up = await admin.post(
+        "/admin/v1/tenants/acme/adapters", data={"name": "support"}, files=multipart(adapter_files())
+    )
+    assert up.status_code == 201, up.text
+    return str((await registry.api_key(admin))["key"])
+
+
+async def chat(client: httpx.AsyncClient, key: str, **body: object) -> httpx.Response:
+    payload = {"model": "support", "messages": [{"role": "user", "content": "hi"}], **body}
+    return await client.post("/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {key}"})
+
+
+def events(resp: httpx.Response) -> list[bytes]:
+    return [e for e in resp.content.split(b"\n\n") if e]
+
+
+@pytest.mark.parametrize("mode", ["ok", "drip"])
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_stream_rewritten_whatever_the_framing(
+    client: httpx.AsyncClient, tenant_key: str, script: Script, mode: str, include_usage: bool
+) -> None:
+    script.mode = mode  # "drip": one byte per write, so events and names split across reads
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    resp = await chat(client, tenant_key, stream=True, **extra)
+    assert resp.status_code == 200
+    evs = events(resp)
+    assert evs[-1] == b"data: [DONE]"
+    objs = [orjson.loads(e[6:]) for e in evs[:-1]]
+    assert "".join(o["choices"][0]["delta"]["content"] for o in objs if o["choices"]) == "Hello"
+    assert {o["model"] for o in objs} == {"support"}
+    assert (objs[-1].get("usage") is not None) is include_usage
+    assert b"lgw-" not in resp.content
+
+
+async def test_backend_dying_mid_stream_ends_with_an_error_event(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    script.mode = "die_mid_stream"
+    resp = await chat(client, tenant_key, stream=True)
+    evs = events(resp)
+    assert evs[-1] == b"data: [DONE]"
+    error = orjson.loads(evs[-2][6:])["error"]
+    assert error["type"] == "server_error" and error["message"]
+    assert b"Hel" in evs[0]  # what was produced before the failure was passed on
+
+
+async def test_upstream_500_is_502_without_internals(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    script.mode = "error_500"
+    resp = await chat(client, tenant_key)
+    assert resp.status_code == 502
+    assert resp.json()["error"]["type"] == "server_error"
+    assert "CUDA" not in resp.text
+
+
+async def test_adapter_reloaded_once_then_error(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    script.mode = "always_404"
+    resp = await chat(client, tenant_key)
+    assert resp.status_code == 404
+    assert script.chat_calls == 2 and len(script.loads) == 2  # first load, one reload, no loop
+    assert "support" in resp.json()["error"]["message"] and "lgw-" not in resp.text
+
+
+async def test_concurrent_first_requests_load_once(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    import asyncio
+
+    responses = await asyncio.gather(*(chat(client, tenant_key) for _ in range(20)))
+    assert {r.status_code for r in responses} == {200}
+    assert len(script.loads) == 1
+
+
+async def test_no_database_query_per_request_once_warm(client: httpx.AsyncClient, tenant_key: str) -> None:
+    assert (await chat(client, tenant_key)).status_code == 200  # warms key, adapter and backend caches
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        for _ in range(10):
+            assert (await chat(client, tenant_key)).status_code == 200
+            assert (await chat(client, tenant_key, stream=True)).status_code == 200
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    assert statements == []
+
+
+async def test_oversized_request_is_413(client: httpx.AsyncClient, tenant_key: str, settings) -> None:  # type: ignore[no-untyped-def]
+    big = "x" * (settings.MAX_REQUEST_BYTES + 1)
+    resp = await chat(client, tenant_key, messages=[{"role": "user", "content": big}])
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "payload_too_large"
