@@ -18,11 +18,14 @@ from tests.integration.conftest import ADMIN_KEY, BASE, Gateway, start_gateway, 
 
 pytestmark = pytest.mark.vllm
 
+# 4 x 1000 tokens: seconds of generation here, far longer than a disconnect takes to reach vLLM even
+# on a busy machine.
 LONG = {
     "messages": [{"role": "user", "content": "Hello!"}],
-    "max_tokens": 480,
+    "max_tokens": 1000,
+    "n": 4,
     "ignore_eos": True,
-    "temperature": 0,
+    "temperature": 1.0,  # vLLM refuses n > 1 with greedy sampling
 }
 
 
@@ -45,8 +48,8 @@ def _assert_aborted(vllm: VllmCpuServer, finished_before: float) -> None:
     while _counters(vllm)[1] > 0:
         assert time.monotonic() < deadline, "the generation kept running"
         time.sleep(0.05)
-    # 480 tokens take vLLM about 0.7 s here: had it not been aborted, it would have finished by now.
-    time.sleep(2.0)
+    # Had it not been aborted, the generation would have run on (and finished) after this wait.
+    time.sleep(4.0)
     assert _counters(vllm)[0] == finished_before, "vLLM finished the generation nobody was waiting for"
 
 
@@ -76,7 +79,7 @@ class TestClientDisconnect:
         # the counter moves when a request does finish.
         finished = _counters(vllm)[0]
         warm = gateway.tenant_client("acme").post(
-            "/v1/chat/completions", json={"model": "support", **LONG, "max_tokens": 1}
+            "/v1/chat/completions", json={"model": "support", **LONG, "max_tokens": 1, "n": 1}
         )
         assert warm.status_code == 200
         assert _counters(vllm)[0] == finished + 1
