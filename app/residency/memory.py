@@ -1,0 +1,184 @@
+"""In-process residency store for the embedded default (one gateway process). Every method runs without
+awaiting in between, so each one is atomic on the event loop, as the Redis scripts are on the server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
+
+
+@dataclass
+class _Backend:
+    registered: dict[str, float] = field(default_factory=dict)  # adapter -> last use
+    tenants: dict[str, str] = field(default_factory=dict)
+    leases: dict[str, dict[str, float]] = field(default_factory=dict)  # adapter -> lease -> expiry
+    loading: dict[str, tuple[int, float]] = field(default_factory=dict)  # adapter -> (token, expiry)
+    evicting: dict[str, float] = field(default_factory=dict)  # adapter -> expiry
+
+    def prune(self, now: float) -> None:
+        for adapter in [a for a, (_, exp) in self.loading.items() if exp <= now]:
+            del self.loading[adapter]
+            if adapter not in self.registered:
+                self.tenants.pop(adapter, None)
+        for adapter in [a for a, exp in self.evicting.items() if exp <= now]:
+            del self.evicting[adapter]
+        for adapter in list(self.leases):
+            live = {k: v for k, v in self.leases[adapter].items() if v > now}
+            if live:
+                self.leases[adapter] = live
+            else:
+                del self.leases[adapter]
+
+    def inflight(self, adapter: str) -> int:
+        return len(self.leases.get(adapter, ()))
+
+
+class MemoryResidency:
+    def __init__(
+        self, *, lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._pools: dict[str, dict[str, _Backend]] = {}
+        self._fence = 0
+        self.lock_ttl_s = lock_ttl_s
+        self.lease_ttl_s = lease_ttl_s
+        self._clock = clock
+
+    def _b(self, pool: str, backend: str) -> _Backend:
+        state = self._pools.setdefault(pool, {}).setdefault(backend, _Backend())
+        state.prune(self._clock())
+        return state
+
+    def _lease(self, b: _Backend, adapter: str, lease: str, now: float) -> None:
+        b.registered[adapter] = now
+        b.leases.setdefault(adapter, {})[lease] = now + self.lease_ttl_s
+
+    async def touch(
+        self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
+    ) -> str | None:
+        now = self._clock()
+        best: tuple[int, _Backend, str] | None = None
+        for slots in backends:
+            b = self._b(pool, slots.id)
+            if adapter not in b.registered:
+                continue
+            mine = b.inflight(adapter)
+            if (mine > 0 or len(b.leases) < slots.slots) and (best is None or mine < best[0]):
+                best = (mine, b, slots.id)
+        if best is None:
+            return None
+        self._lease(best[1], adapter, lease, now)
+        return best[2]
+
+    async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
+        b = self._b(pool, backend)
+        if adapter not in b.registered:
+            return False
+        self._lease(b, adapter, lease, self._clock())
+        return True
+
+    async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None:
+        b = self._b(pool, backend)
+        leases = b.leases.get(adapter)
+        if leases is not None:
+            leases.pop(lease, None)
+            if not leases:
+                del b.leases[adapter]
+
+    async def snapshot(self, pool: str, backends: Sequence[BackendSlots]) -> list[BackendState]:
+        out = []
+        for slots in backends:
+            b = self._b(pool, slots.id)
+            out.append(
+                BackendState(
+                    id=slots.id,
+                    slots=slots.slots,
+                    capacity=slots.capacity,
+                    registered=dict(b.registered),
+                    inflight={a: len(ls) for a, ls in b.leases.items() if ls},
+                    tenants=dict(b.tenants),
+                    loading=set(b.loading),
+                    evicting=set(b.evicting),
+                )
+            )
+        return out
+
+    async def reserve(
+        self,
+        pool: str,
+        backend: BackendSlots,
+        adapter: str,
+        tenant: str,
+        *,
+        victim: str | None,
+        tenant_cap: int | None,
+    ) -> Reservation:
+        now = self._clock()
+        b = self._b(pool, backend.id)
+        if adapter in b.registered:
+            return Reservation(Outcome.LIVE)
+        if adapter in b.loading or adapter in b.evicting:
+            return Reservation(Outcome.BUSY)
+        victim_tenant = None
+        if victim is not None:
+            if victim not in b.registered or b.inflight(victim) > 0:
+                return Reservation(Outcome.FULL)
+            victim_tenant = b.tenants.get(victim)
+        occupied = len(b.registered) + len(b.loading) - (1 if victim else 0)
+        if occupied >= backend.capacity:
+            return Reservation(Outcome.FULL)
+        if tenant_cap is not None:
+            held = sum(1 for a, t in b.tenants.items() if t == tenant)
+            if held - (1 if victim_tenant == tenant else 0) >= tenant_cap:
+                return Reservation(Outcome.TENANT_CAP)
+        if victim is not None:
+            del b.registered[victim]
+            b.tenants.pop(victim, None)
+            b.evicting[victim] = now + self.lock_ttl_s
+        self._fence += 1
+        b.loading[adapter] = (self._fence, now + self.lock_ttl_s)
+        b.tenants[adapter] = tenant
+        return Reservation(Outcome.OK, self._fence)
+
+    async def commit(self, pool: str, backend: str, adapter: str, token: int, lease: str) -> bool:
+        b = self._b(pool, backend)
+        held = b.loading.get(adapter)
+        if held is None or held[0] != token:
+            return False
+        del b.loading[adapter]
+        self._lease(b, adapter, lease, self._clock())
+        return True
+
+    async def abort(self, pool: str, backend: str, adapter: str, token: int) -> None:
+        b = self._b(pool, backend)
+        held = b.loading.get(adapter)
+        if held is not None and held[0] == token:
+            del b.loading[adapter]
+            b.tenants.pop(adapter, None)
+
+    async def evicted(self, pool: str, backend: str, adapter: str) -> None:
+        self._b(pool, backend).evicting.pop(adapter, None)
+
+    async def forget(self, pool: str, backend: str, adapter: str) -> None:
+        b = self._b(pool, backend)
+        b.registered.pop(adapter, None)
+        if adapter not in b.loading:
+            b.tenants.pop(adapter, None)
+
+    async def reconcile(self, pool: str, backend: str, actual: set[str]) -> tuple[set[str], set[str]]:
+        now = self._clock()
+        b = self._b(pool, backend)
+        busy = set(b.loading) | set(b.evicting)
+        removed = {a for a in b.registered if a not in actual and a not in busy}
+        added = {a for a in actual if a not in b.registered and a not in busy}
+        for a in removed:
+            del b.registered[a]
+            b.tenants.pop(a, None)
+        for a in added:
+            b.registered[a] = now
+        return added, removed
+
+    async def drop_backend(self, pool: str, backend: str) -> None:
+        self._pools.get(pool, {}).pop(backend, None)

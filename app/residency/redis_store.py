@@ -1,0 +1,336 @@
+"""Residency in Redis, shared by every gateway replica. Each operation is one Lua script, so it is
+atomic on the server and costs one round trip; time comes from the server (TIME), so replicas with
+skewed clocks agree on last use and expiry.
+
+Keys of a pool share the hash tag {pool}: lgw:{pool}:reg:<backend> (zset adapter -> last use ms),
+:ten:<backend> (hash adapter -> tenant), :load:<backend> (zset adapter -> expiry ms) and
+:tok:<backend> (hash adapter -> fencing token) for loads under way, :evict:<backend> (zset adapter ->
+expiry ms), :lease:<backend>:<adapter> (zset lease -> expiry ms) and :act:<backend> (set of adapters
+that may have leases), :fence (counter)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
+
+_COMMON = """
+local P = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function active_count(b)
+  local act = P .. 'act:' .. b
+  local n = 0
+  for _, a in ipairs(redis.call('SMEMBERS', act)) do
+    local lease = P .. 'lease:' .. b .. ':' .. a
+    redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
+    if redis.call('ZCARD', lease) > 0 then n = n + 1 else redis.call('SREM', act, a) end
+  end
+  return n
+end
+
+local function inflight(b, a)
+  local lease = P .. 'lease:' .. b .. ':' .. a
+  redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
+  return redis.call('ZCARD', lease)
+end
+
+local function prune_busy(b)
+  local load = P .. 'load:' .. b
+  for _, a in ipairs(redis.call('ZRANGEBYSCORE', load, '-inf', now)) do
+    redis.call('ZREM', load, a)
+    redis.call('HDEL', P .. 'tok:' .. b, a)
+    if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
+  end
+  redis.call('ZREMRANGEBYSCORE', P .. 'evict:' .. b, '-inf', now)
+end
+
+local function take_lease(b, a, lease, lease_ms)
+  redis.call('ZADD', P .. 'reg:' .. b, now, a)
+  redis.call('ZADD', P .. 'lease:' .. b .. ':' .. a, now + lease_ms, lease)
+  redis.call('PEXPIRE', P .. 'lease:' .. b .. ':' .. a, lease_ms)
+  redis.call('SADD', P .. 'act:' .. b, a)
+end
+"""
+
+# ARGV: adapter, lease, lease_ms, then backend id and slots for each candidate.
+_TOUCH = (
+    _COMMON
+    + """
+local a, lease, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local best, best_load = nil, nil
+for i = 4, #ARGV, 2 do
+  local b, slots = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('ZSCORE', P .. 'reg:' .. b, a) then
+    local mine = inflight(b, a)
+    if (mine > 0 or active_count(b) < slots) and (best == nil or mine < best_load) then
+      best, best_load = b, mine
+    end
+  end
+end
+if best == nil then return false end
+take_lease(best, a, lease, lease_ms)
+return best
+"""
+)
+
+# ARGV: backend, adapter, lease, lease_ms
+_ACQUIRE = (
+    _COMMON
+    + """
+local b, a = ARGV[1], ARGV[2]
+if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then return 0 end
+take_lease(b, a, ARGV[3], tonumber(ARGV[4]))
+return 1
+"""
+)
+
+# ARGV: backend, adapter, lease
+_RELEASE = (
+    _COMMON
+    + """
+local b, a = ARGV[1], ARGV[2]
+local key = P .. 'lease:' .. b .. ':' .. a
+redis.call('ZREM', key, ARGV[3])
+if inflight(b, a) == 0 then redis.call('SREM', P .. 'act:' .. b, a) end
+return 1
+"""
+)
+
+# ARGV: backend ids. Returns per backend: {reg (flat adapter,score), ten (flat), loading, evicting, inflight (flat)}
+_SNAPSHOT = (
+    _COMMON
+    + """
+local out = {}
+for i = 1, #ARGV do
+  local b = ARGV[i]
+  prune_busy(b)
+  active_count(b)
+  local infl = {}
+  for _, a in ipairs(redis.call('SMEMBERS', P .. 'act:' .. b)) do
+    table.insert(infl, a); table.insert(infl, tostring(redis.call('ZCARD', P .. 'lease:' .. b .. ':' .. a)))
+  end
+  table.insert(out, {
+    redis.call('ZRANGE', P .. 'reg:' .. b, 0, -1, 'WITHSCORES'),
+    redis.call('HGETALL', P .. 'ten:' .. b),
+    redis.call('ZRANGE', P .. 'load:' .. b, 0, -1),
+    redis.call('ZRANGE', P .. 'evict:' .. b, 0, -1),
+    infl,
+  })
+end
+return out
+"""
+)
+
+# ARGV: backend, adapter, tenant, victim ('' for none), capacity, tenant_cap (-1 for none), lock_ms
+_RESERVE = (
+    _COMMON
+    + """
+local b, a, tenant, victim = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local capacity, cap, lock_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local reg, ten, load = P .. 'reg:' .. b, P .. 'ten:' .. b, P .. 'load:' .. b
+prune_busy(b)
+if redis.call('ZSCORE', reg, a) then return {'live', 0} end
+if redis.call('ZSCORE', load, a) or redis.call('ZSCORE', P .. 'evict:' .. b, a) then return {'busy', 0} end
+local victim_tenant = false
+if victim ~= '' then
+  if not redis.call('ZSCORE', reg, victim) or inflight(b, victim) > 0 then return {'full', 0} end
+  victim_tenant = redis.call('HGET', ten, victim)
+end
+local occupied = redis.call('ZCARD', reg) + redis.call('ZCARD', load)
+if victim ~= '' then occupied = occupied - 1 end
+if occupied >= capacity then return {'full', 0} end
+if cap >= 0 then
+  local held = 0
+  local flat = redis.call('HGETALL', ten)
+  for j = 2, #flat, 2 do if flat[j] == tenant then held = held + 1 end end
+  if victim_tenant == tenant then held = held - 1 end
+  if held >= cap then return {'tenant_cap', 0} end
+end
+if victim ~= '' then
+  redis.call('ZREM', reg, victim)
+  redis.call('HDEL', ten, victim)
+  redis.call('ZADD', P .. 'evict:' .. b, now + lock_ms, victim)
+end
+local token = redis.call('INCR', P .. 'fence')
+redis.call('ZADD', load, now + lock_ms, a)
+redis.call('HSET', P .. 'tok:' .. b, a, token)
+redis.call('HSET', ten, a, tenant)
+return {'ok', token}
+"""
+)
+
+# ARGV: backend, adapter, token, lease, lease_ms
+_COMMIT = (
+    _COMMON
+    + """
+local b, a = ARGV[1], ARGV[2]
+prune_busy(b)
+if redis.call('HGET', P .. 'tok:' .. b, a) ~= ARGV[3] then return 0 end
+redis.call('ZREM', P .. 'load:' .. b, a)
+redis.call('HDEL', P .. 'tok:' .. b, a)
+take_lease(b, a, ARGV[4], tonumber(ARGV[5]))
+return 1
+"""
+)
+
+# ARGV: backend, adapter, token
+_ABORT = (
+    _COMMON
+    + """
+local b, a = ARGV[1], ARGV[2]
+if redis.call('HGET', P .. 'tok:' .. b, a) == ARGV[3] then
+  redis.call('ZREM', P .. 'load:' .. b, a)
+  redis.call('HDEL', P .. 'tok:' .. b, a)
+  if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
+end
+return 1
+"""
+)
+
+# ARGV: backend, adapter
+_FORGET = (
+    _COMMON
+    + """
+local b, a = ARGV[1], ARGV[2]
+redis.call('ZREM', P .. 'reg:' .. b, a)
+if not redis.call('ZSCORE', P .. 'load:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
+return 1
+"""
+)
+
+# ARGV: backend, then the adapters the backend reports. Returns {added, removed}.
+_RECONCILE = (
+    _COMMON
+    + """
+local b = ARGV[1]
+prune_busy(b)
+local reg, load, evict = P .. 'reg:' .. b, P .. 'load:' .. b, P .. 'evict:' .. b
+local actual = {}
+for i = 2, #ARGV do actual[ARGV[i]] = true end
+local added, removed = {}, {}
+for _, a in ipairs(redis.call('ZRANGE', reg, 0, -1)) do
+  if not actual[a] and not redis.call('ZSCORE', load, a) and not redis.call('ZSCORE', evict, a) then
+    redis.call('ZREM', reg, a); redis.call('HDEL', P .. 'ten:' .. b, a); table.insert(removed, a)
+  end
+end
+for a, _ in pairs(actual) do
+  if not redis.call('ZSCORE', reg, a) and not redis.call('ZSCORE', load, a) and not redis.call('ZSCORE', evict, a) then
+    redis.call('ZADD', reg, now, a); table.insert(added, a)
+  end
+end
+return {added, removed}
+"""
+)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _pairs(flat: list[Any]) -> list[tuple[str, str]]:
+    return [(_s(flat[i]), _s(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+class RedisResidency:
+    def __init__(
+        self, redis: Redis, *, prefix: str = "lgw", lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.lock_ms = int(lock_ttl_s * 1000)
+        self.lease_ms = int(lease_ttl_s * 1000)
+        self._touch = redis.register_script(_TOUCH)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._release = redis.register_script(_RELEASE)
+        self._snapshot = redis.register_script(_SNAPSHOT)
+        self._reserve = redis.register_script(_RESERVE)
+        self._commit = redis.register_script(_COMMIT)
+        self._abort = redis.register_script(_ABORT)
+        self._forget = redis.register_script(_FORGET)
+        self._reconcile = redis.register_script(_RECONCILE)
+
+    def _key(self, pool: str) -> str:
+        return f"{self.prefix}:{{{pool}}}:"
+
+    async def touch(
+        self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
+    ) -> str | None:
+        args: list[Any] = [adapter, lease, self.lease_ms]
+        for b in backends:
+            args += [b.id, b.slots]
+        got = await self._touch(keys=[self._key(pool)], args=args)
+        return _s(got) if got else None
+
+    async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
+        return bool(
+            await self._acquire(keys=[self._key(pool)], args=[backend, adapter, lease, self.lease_ms])
+        )
+
+    async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None:
+        await self._release(keys=[self._key(pool)], args=[backend, adapter, lease])
+
+    async def snapshot(self, pool: str, backends: Sequence[BackendSlots]) -> list[BackendState]:
+        raw = await self._snapshot(keys=[self._key(pool)], args=[b.id for b in backends])
+        out = []
+        for slots, (reg, ten, loading, evicting, infl) in zip(backends, raw, strict=True):
+            out.append(
+                BackendState(
+                    id=slots.id,
+                    slots=slots.slots,
+                    capacity=slots.capacity,
+                    registered={a: float(s) / 1000 for a, s in _pairs(reg)},
+                    inflight={a: int(n) for a, n in _pairs(infl) if int(n) > 0},
+                    tenants=dict(_pairs(ten)),
+                    loading={_s(a) for a in loading},
+                    evicting={_s(a) for a in evicting},
+                )
+            )
+        return out
+
+    async def reserve(
+        self,
+        pool: str,
+        backend: BackendSlots,
+        adapter: str,
+        tenant: str,
+        *,
+        victim: str | None,
+        tenant_cap: int | None,
+    ) -> Reservation:
+        outcome, token = await self._reserve(
+            keys=[self._key(pool)],
+            args=[
+                backend.id, adapter, tenant, victim or "", backend.capacity,
+                -1 if tenant_cap is None else tenant_cap, self.lock_ms,
+            ],
+        )  # fmt: skip
+        return Reservation(Outcome(_s(outcome)), int(token))
+
+    async def commit(self, pool: str, backend: str, adapter: str, token: int, lease: str) -> bool:
+        args: list[str | int] = [backend, adapter, token, lease, self.lease_ms]
+        return bool(await self._commit(keys=[self._key(pool)], args=args))
+
+    async def abort(self, pool: str, backend: str, adapter: str, token: int) -> None:
+        await self._abort(keys=[self._key(pool)], args=[backend, adapter, token])
+
+    async def evicted(self, pool: str, backend: str, adapter: str) -> None:
+        await self.redis.zrem(self._key(pool) + f"evict:{backend}", adapter)
+
+    async def forget(self, pool: str, backend: str, adapter: str) -> None:
+        await self._forget(keys=[self._key(pool)], args=[backend, adapter])
+
+    async def reconcile(self, pool: str, backend: str, actual: set[str]) -> tuple[set[str], set[str]]:
+        added, removed = await self._reconcile(keys=[self._key(pool)], args=[backend, *sorted(actual)])
+        return {_s(a) for a in added}, {_s(a) for a in removed}
+
+    async def drop_backend(self, pool: str, backend: str) -> None:
+        p = self._key(pool)
+        keys = [f"{p}{kind}:{backend}" for kind in ("reg", "ten", "load", "tok", "evict", "act")]
+        async for key in self.redis.scan_iter(match=f"{p}lease:{backend}:*"):
+            keys.append(key)
+        await self.redis.delete(*keys)

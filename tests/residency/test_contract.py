@@ -1,0 +1,240 @@
+"""One contract, two stores: the in-process store and the Redis store (a real server) behave the same."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from app.residency.memory import MemoryResidency
+from app.residency.redis_store import RedisResidency
+from app.residency.state import BackendSlots, Outcome, ResidencyStore
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POOL = "tiny"
+B1 = BackendSlots("b1", slots=2, capacity=3)
+B2 = BackendSlots("b2", slots=2, capacity=3)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResidencyStore]:
+    if request.param == "memory":
+        yield MemoryResidency(lock_ttl_s=0.3, lease_ttl_s=60)
+        return
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-test-{uuid.uuid4().hex[:8]}"
+    yield RedisResidency(redis, prefix=prefix, lock_ttl_s=0.3, lease_ttl_s=60)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+async def load(
+    store: ResidencyStore,
+    backend: BackendSlots,
+    adapter: str,
+    tenant: str = "t1",
+    victim: str | None = None,
+    lease: str | None = None,
+) -> str:
+    """Reserve + commit, as the data path does after a successful vLLM load; returns the lease."""
+    r = await store.reserve(POOL, backend, adapter, tenant, victim=victim, tenant_cap=None)
+    assert r.outcome is Outcome.OK, r
+    lease = lease or uuid.uuid4().hex
+    assert await store.commit(POOL, backend.id, adapter, r.token, lease)
+    return lease
+
+
+async def state(store: ResidencyStore, backend: BackendSlots = B1):  # type: ignore[no-untyped-def]
+    return (await store.snapshot(POOL, [backend]))[0]
+
+
+class TestHotPath:
+    async def test_touch_misses_until_loaded(self, store: ResidencyStore) -> None:
+        assert await store.touch(POOL, "a", "l1", [B1, B2]) is None
+        lease = await load(store, B1, "a")
+        await store.release(POOL, "b1", "a", lease)
+        assert await store.touch(POOL, "a", "l2", [B1, B2]) == "b1"
+        assert (await state(store)).inflight == {"a": 1}
+
+    async def test_touch_spreads_over_holders_by_inflight(self, store: ResidencyStore) -> None:
+        l1 = await load(store, B1, "a")
+        l2 = await load(store, B2, "a")
+        # b1 and b2 each have one request in flight; the next two go one to each.
+        got = [await store.touch(POOL, "a", f"x{i}", [B1, B2]) for i in range(2)]
+        assert sorted(got) == ["b1", "b2"]  # type: ignore[type-var]
+        await store.release(POOL, "b1", "a", l1)
+        await store.release(POOL, "b1", "a", "x0")
+        await store.release(POOL, "b1", "a", "x1")
+        assert await store.touch(POOL, "a", "y", [B1, B2]) == "b1"
+        del l2
+
+    async def test_touch_respects_gpu_slots(self, store: ResidencyStore) -> None:
+        # Two slots: with two other adapters active, a third (registered, idle) adapter has no room.
+        la = await load(store, B1, "a")
+        lb = await load(store, B1, "b")
+        lc = await load(store, B1, "c")
+        await store.release(POOL, "b1", "c", lc)
+        assert await store.touch(POOL, "c", "l", [B1]) is None
+        await store.release(POOL, "b1", "a", la)
+        assert await store.touch(POOL, "c", "l", [B1]) == "b1"
+        del lb
+
+    async def test_release_is_idempotent_and_counts_per_lease(self, store: ResidencyStore) -> None:
+        lease = await load(store, B1, "a")
+        assert await store.acquire(POOL, "b1", "a", "second")
+        assert (await state(store)).inflight == {"a": 2}
+        await store.release(POOL, "b1", "a", lease)
+        await store.release(POOL, "b1", "a", lease)
+        assert (await state(store)).inflight == {"a": 1}
+        await store.release(POOL, "b1", "a", "second")
+        assert (await state(store)).inflight == {}
+
+    async def test_acquire_needs_registration(self, store: ResidencyStore) -> None:
+        assert not await store.acquire(POOL, "b1", "nope", "l")
+
+
+class TestLruAndEviction:
+    async def test_lru_order(self, store: ResidencyStore) -> None:
+        for a in ("a", "b", "c"):
+            await store.release(POOL, "b1", a, await load(store, B1, a))
+            await asyncio.sleep(0.005)
+        await store.release(POOL, "b1", "a", "x") if await store.touch(POOL, "a", "x", [B1]) else None
+        s = await state(store)
+        assert sorted(s.registered, key=s.registered.__getitem__) == ["b", "c", "a"]
+
+    async def test_full_backend_needs_a_victim(self, store: ResidencyStore) -> None:
+        for a in ("a", "b", "c"):
+            await store.release(POOL, "b1", a, await load(store, B1, a))
+        r = await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)
+        assert r.outcome is Outcome.FULL
+        r = await store.reserve(POOL, B1, "d", "t1", victim="a", tenant_cap=None)
+        assert r.outcome is Outcome.OK
+        s = await state(store)
+        assert "a" not in s.registered and s.evicting == {"a"} and s.loading == {"d"}
+        # While a is being evicted and d loaded, neither can be reserved again.
+        assert (
+            await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        ).outcome is Outcome.BUSY
+        assert (
+            await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)
+        ).outcome is Outcome.BUSY
+        await store.evicted(POOL, "b1", "a")
+        assert (await state(store)).evicting == set()
+
+    async def test_inflight_adapter_is_never_evicted(self, store: ResidencyStore) -> None:
+        busy = await load(store, B1, "a")
+        for a in ("b", "c"):
+            await store.release(POOL, "b1", a, await load(store, B1, a))
+        r = await store.reserve(POOL, B1, "d", "t1", victim="a", tenant_cap=None)
+        assert r.outcome is Outcome.FULL
+        assert "a" in (await state(store)).registered
+        await store.release(POOL, "b1", "a", busy)
+        assert (await store.reserve(POOL, B1, "d", "t1", victim="a", tenant_cap=None)).outcome is Outcome.OK
+
+    async def test_victim_gone_meanwhile_is_a_conflict(self, store: ResidencyStore) -> None:
+        for a in ("a", "b", "c"):
+            await store.release(POOL, "b1", a, await load(store, B1, a))
+        await store.forget(POOL, "b1", "a")
+        # The decision was made on an older snapshot: the store refuses it, the caller decides again.
+        r = await store.reserve(POOL, B1, "d", "t1", victim="a", tenant_cap=None)
+        assert r.outcome is Outcome.FULL
+        assert (await state(store)).evicting == set()
+        assert (await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+
+    async def test_already_live_is_reported(self, store: ResidencyStore) -> None:
+        await load(store, B1, "a")
+        assert (
+            await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        ).outcome is Outcome.LIVE
+
+
+class TestTenantCaps:
+    async def test_cap_per_backend(self, store: ResidencyStore) -> None:
+        await store.release(POOL, "b1", "a", await load(store, B1, "a", tenant="t1"))
+        r = await store.reserve(POOL, B1, "b", "t1", victim=None, tenant_cap=1)
+        assert r.outcome is Outcome.TENANT_CAP
+        # Other tenants are not limited by t1's cap; t1 may replace one of its own.
+        assert (await store.reserve(POOL, B1, "x", "t2", victim=None, tenant_cap=1)).outcome is Outcome.OK
+        assert (await store.reserve(POOL, B1, "b", "t1", victim="a", tenant_cap=1)).outcome is Outcome.OK
+        # The cap is per backend.
+        assert (await store.reserve(POOL, B2, "c", "t1", victim=None, tenant_cap=1)).outcome is Outcome.OK
+
+
+class TestLocks:
+    async def test_fencing_token_and_expiry(self, store: ResidencyStore) -> None:
+        first = await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        assert first.outcome is Outcome.OK
+        assert (
+            await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        ).outcome is Outcome.BUSY
+        await asyncio.sleep(0.4)  # the 0.3 s lock expires: its holder died mid-load
+        second = await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        assert second.outcome is Outcome.OK
+        assert second.token > first.token
+        # The first holder comes back late: fenced out; the new holder commits.
+        assert not await store.commit(POOL, "b1", "a", first.token, "l1")
+        assert await store.commit(POOL, "b1", "a", second.token, "l2")
+
+    async def test_expired_loads_free_capacity(self, store: ResidencyStore) -> None:
+        for a in ("a", "b", "c"):
+            assert (
+                await store.reserve(POOL, B1, a, "t1", victim=None, tenant_cap=None)
+            ).outcome is Outcome.OK
+        assert (
+            await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)
+        ).outcome is Outcome.FULL
+        await asyncio.sleep(0.4)
+        assert (await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+
+    async def test_abort_releases_the_reservation(self, store: ResidencyStore) -> None:
+        r = await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        await store.abort(POOL, "b1", "a", r.token + 1)  # not the holder: no effect
+        assert (await state(store)).loading == {"a"}
+        await store.abort(POOL, "b1", "a", r.token)
+        s = await state(store)
+        assert s.loading == set() and s.tenants == {}
+
+    async def test_concurrent_reservations_one_winner(self, store: ResidencyStore) -> None:
+        results = await asyncio.gather(
+            *(store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None) for _ in range(50))
+        )
+        assert [r.outcome for r in results].count(Outcome.OK) == 1
+        assert {r.outcome for r in results} == {Outcome.OK, Outcome.BUSY}
+
+    async def test_concurrent_loads_of_many_adapters_never_overfill(self, store: ResidencyStore) -> None:
+        async def one(i: int) -> Outcome:
+            r = await store.reserve(POOL, B1, f"a{i}", "t1", victim=None, tenant_cap=None)
+            if r.outcome is Outcome.OK:
+                await asyncio.sleep(0.01)
+                assert await store.commit(POOL, "b1", f"a{i}", r.token, f"l{i}")
+            return r.outcome
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(20)))
+        assert outcomes.count(Outcome.OK) == B1.capacity
+        assert len((await state(store)).registered) == B1.capacity
+
+
+class TestRepair:
+    async def test_reconcile_adds_and_removes_but_leaves_loads_alone(self, store: ResidencyStore) -> None:
+        await store.release(POOL, "b1", "a", await load(store, B1, "a"))
+        r = await store.reserve(POOL, B1, "loading", "t1", victim=None, tenant_cap=None)
+        assert r.outcome is Outcome.OK
+        added, removed = await store.reconcile(POOL, "b1", {"b"})
+        assert (added, removed) == ({"b"}, {"a"})
+        s = await state(store)
+        assert set(s.registered) == {"b"} and s.loading == {"loading"}
+
+    async def test_forget_and_drop(self, store: ResidencyStore) -> None:
+        await load(store, B1, "a")
+        await store.forget(POOL, "b1", "a")
+        assert (await state(store)).registered == {}
+        await load(store, B1, "b")
+        await store.drop_backend(POOL, "b1")
+        s = await state(store)
+        assert s.registered == {} and s.inflight == {}
