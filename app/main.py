@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import TypedDict
 
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.api import admin, health, openai
@@ -17,7 +18,12 @@ from app.api.openai.proxy import DataPath
 from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
 from app.registry.cache import RegistryCache
-from app.routing.placement import Placement
+from app.residency.memory import MemoryResidency
+from app.residency.redis_store import RedisResidency
+from app.residency.state import ResidencyStore
+from app.routing.policy import make_policy
+from app.routing.reconcile import Reconciler
+from app.routing.router import Router
 from app.settings import Settings, get_settings
 from app.store.files import AdapterStore
 
@@ -40,13 +46,27 @@ def create_app(settings: Settings) -> FastAPI:
         )
         cache = RegistryCache(sessionmaker, ttl=settings.CACHE_TTL_S)
         assert settings.BACKEND_ADAPTER_ROOT is not None  # filled by Settings
-        data_path = DataPath(
-            cache=cache,
-            placement=Placement(client, adapter_root=settings.BACKEND_ADAPTER_ROOT),
-            client=client,
-            max_request_bytes=settings.MAX_REQUEST_BYTES,
+        redis = Redis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
+        store: ResidencyStore = (
+            RedisResidency(redis, prefix=settings.REDIS_PREFIX, lock_ttl_s=settings.LOAD_LOCK_TTL_S)
+            if redis is not None
+            else MemoryResidency(lock_ttl_s=settings.LOAD_LOCK_TTL_S)
         )
-        flusher = asyncio.create_task(cache.run_usage_flusher())
+        router = Router(
+            store=store,
+            policy=make_policy(settings.PLACEMENT_POLICY),
+            client=client,
+            adapter_root=settings.BACKEND_ADAPTER_ROOT,
+            wait_timeout_s=settings.PLACEMENT_WAIT_S,
+        )
+        data_path = DataPath(cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES)
+        reconciler = Reconciler(
+            sessionmaker=sessionmaker,
+            router=router,
+            interval_s=settings.RECONCILE_INTERVAL_S,
+            unhealthy_after=settings.UNHEALTHY_AFTER,
+        )
+        background = [asyncio.create_task(cache.run_usage_flusher()), asyncio.create_task(reconciler.run())]
         try:
             yield {
                 "settings": settings,
@@ -55,12 +75,14 @@ def create_app(settings: Settings) -> FastAPI:
                 "data_path": data_path,
             }
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await cache.flush_key_usage()
             await client.close()
+            if redis is not None:
+                await redis.aclose()
             await engine.dispose()
 
     app = FastAPI(title="LoRA Gateway", version="0.1.0", lifespan=lifespan)

@@ -32,6 +32,19 @@ class Settings(BaseSettings):
     UPSTREAM_CONNECT_TIMEOUT_S: float = Field(5.0, gt=0)
     UPSTREAM_READ_TIMEOUT_S: float = Field(600.0, gt=0)
 
+    # Residency: empty means the in-process store (one gateway process); several replicas need Redis.
+    REDIS_URL: str = ""
+    REDIS_PREFIX: str = "lgw"
+    PLACEMENT_POLICY: str = Field("lru", pattern="^(lru|round-robin|random)$")
+    # A load lock outlives a gateway that died mid-load by at most this long.
+    LOAD_LOCK_TTL_S: float = Field(60.0, gt=0)
+    # How long a request may wait for a slot or for someone else's load before it gets a 503.
+    PLACEMENT_WAIT_S: float = Field(30.0, gt=0)
+    # Backends' /v1/models is compared with the residency state this often (and on every 404).
+    RECONCILE_INTERVAL_S: float = Field(15.0, gt=0)
+    # Consecutive failed health checks after which a backend gets no traffic until it answers again.
+    UNHEALTHY_AFTER: int = Field(2, ge=1)
+
     # Upload limits: a LoRA adapter of a 70B model at r=64 is ~1 GiB; anything larger is not an adapter.
     MAX_ADAPTER_BYTES: int = Field(1 << 30, ge=1024)
     # Rank ceiling used when a base model has no backend yet (vLLM's own --max-lora-rank default is 16).

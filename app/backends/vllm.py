@@ -29,8 +29,10 @@ class BackendError(GatewayError):
 
 
 class BackendUnavailable(ServiceUnavailable):
-    def __init__(self, message: str, *, retry_after: int = 2) -> None:
+    def __init__(self, message: str, *, retry_after: int = 2, never_reached: bool = False) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+        # True when the connection could not even be opened: the request is safe to send elsewhere.
+        self.never_reached = never_reached
 
 
 class AdapterMissing(Exception):

@@ -20,7 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
-from sqlalchemy.sql.expression import true
+from sqlalchemy.sql.expression import false, true
 
 from app.db.base import Base, CreatedMixin, IdMixin, UTCDateTime
 
@@ -68,6 +68,8 @@ class Tenant(IdMixin, CreatedMixin, Base):
 
     name: Mapped[str] = mapped_column(String(64), unique=True)
     display_name: Mapped[str | None] = mapped_column(String(200))
+    # Most adapters of this tenant registered on one backend at once (None: no cap).
+    max_adapters_per_backend: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(IdMixin, CreatedMixin, Base):
@@ -135,6 +137,8 @@ class Adapter(IdMixin, CreatedMixin, Base):
     # Folder relative to the adapter store root.
     storage_path: Mapped[str] = mapped_column(String(300))
     state: Mapped[AdapterState] = mapped_column(_enum(AdapterState), default=AdapterState.READY)
+    # An operator's pin: once loaded on a backend it is never evicted there.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Job(IdMixin, CreatedMixin, Base):

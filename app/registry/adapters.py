@@ -190,6 +190,18 @@ async def get_adapter(session: AsyncSession, *, adapter_id: str) -> schemas.Adap
     return adapter_read(adapter, tenant=tenant.name, base_model=model.name)
 
 
+async def update_adapter(
+    session: AsyncSession, *, adapter_id: str, data: schemas.AdapterUpdate
+) -> schemas.AdapterRead:
+    adapter, tenant, model = await _get(session, adapter_id)
+    if data.state is AdapterState.DELETED:
+        raise InvalidRequest("use DELETE to delete an adapter", param="state")
+    for field, value in data.model_dump(exclude_unset=True, exclude_none=True).items():
+        setattr(adapter, field, value)
+    await session.commit()
+    return adapter_read(adapter, tenant=tenant.name, base_model=model.name)
+
+
 async def delete_adapter(session: AsyncSession, *, adapter_id: str) -> None:
     # A soft delete: the row stops resolving at once, while its files stay until no backend may read them.
     adapter, _, _ = await _get(session, adapter_id)

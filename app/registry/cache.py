@@ -83,6 +83,7 @@ class RegistryCache:
         )
         self.base_models: _Loader[str, tuple[BaseModelView, ...]] = _Loader(1, ttl, self._load_base_models)
         self.backends: _Loader[uuid.UUID, tuple[BackendView, ...]] = _Loader(1024, ttl, self._load_backends)
+        self.pinned: _Loader[uuid.UUID, frozenset[str]] = _Loader(1024, ttl, self._load_pinned)
         # Key hash -> last use; written to the database in batches, never per request.
         self._key_use: dict[str, float] = {}
         self._usage_flush_interval = usage_flush_interval
@@ -108,7 +109,14 @@ class RegistryCache:
         return await self.backends.get(base_model_id)
 
     def invalidate_all(self) -> None:
-        for loader in (self.keys, self.adapters, self.tenant_adapters, self.base_models, self.backends):
+        for loader in (
+            self.keys,
+            self.adapters,
+            self.tenant_adapters,
+            self.base_models,
+            self.backends,
+            self.pinned,
+        ):
             loader.invalidate()
 
     # --- loaders -----------------------------------------------------------------------------------
@@ -117,12 +125,12 @@ class RegistryCache:
         async with self._sessionmaker() as session:
             row = (
                 await session.execute(
-                    select(Tenant.id, Tenant.name)
+                    select(Tenant.id, Tenant.name, Tenant.max_adapters_per_backend)
                     .join(ApiKey, ApiKey.tenant_id == Tenant.id)
                     .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
                 )
             ).first()
-        return TenantView(id=row[0], name=row[1]) if row else None
+        return TenantView(id=row[0], name=row[1], max_adapters_per_backend=row[2]) if row else None
 
     async def _adapter_rows(self, session: AsyncSession, *conds: object) -> list[AdapterView]:
         stmt = (
@@ -141,6 +149,7 @@ class RegistryCache:
                 sha256=a.sha256,
                 storage_path=a.storage_path,
                 created_at=a.created_at.timestamp(),
+                pinned=a.pinned,
             )
             for a, m in await session.execute(stmt)
         ]
@@ -190,6 +199,14 @@ class RegistryCache:
                 )
                 for b in rows
             )
+
+    async def _load_pinned(self, base_model_id: uuid.UUID) -> frozenset[str]:
+        """Served names of the pinned adapters of one base model: what eviction must leave alone."""
+        async with self._sessionmaker() as session:
+            rows = await self._adapter_rows(
+                session, Adapter.base_model_id == base_model_id, Adapter.pinned.is_(True)
+            )
+        return frozenset(a.served_name for a in rows)
 
     # --- key usage ---------------------------------------------------------------------------------
 

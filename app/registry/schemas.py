@@ -26,12 +26,20 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Slug
     display_name: str | None = Field(None, max_length=200)
+    max_adapters_per_backend: int | None = Field(None, ge=1, description="Cap on one backend's adapters")
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    display_name: str | None = Field(None, max_length=200)
+    max_adapters_per_backend: int | None = Field(None, ge=1)
 
 
 class TenantRead(_Read):
     id: uuid.UUID
     name: str
     display_name: str | None
+    max_adapters_per_backend: int | None
     created_at: datetime
 
 
@@ -131,7 +139,14 @@ class AdapterRead(_Read):
     sha256: str
     size_bytes: int
     state: AdapterState
+    pinned: bool
     created_at: datetime
+
+
+class AdapterUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pinned: bool | None = Field(None, description="Never evict it from a backend once loaded")
+    state: AdapterState | None = Field(None, description="ready or disabled")
 
 
 T = TypeVar("T")

@@ -50,9 +50,19 @@ async def list_tenants(session: AsyncSession) -> list[Tenant]:
 
 
 async def create_tenant(session: AsyncSession, *, data: schemas.TenantCreate) -> Tenant:
-    tenant = Tenant(name=data.name, display_name=data.display_name)
+    tenant = Tenant(
+        name=data.name, display_name=data.display_name, max_adapters_per_backend=data.max_adapters_per_backend
+    )
     session.add(tenant)
     await _commit_unique(session, f"tenant {data.name!r}")
+    return tenant
+
+
+async def update_tenant(session: AsyncSession, *, ref: str, data: schemas.TenantUpdate) -> Tenant:
+    tenant = await get_tenant(session, ref)
+    for field, value in data.model_dump(exclude_unset=True).items():
+        setattr(tenant, field, value)
+    await session.commit()
     return tenant
 
 

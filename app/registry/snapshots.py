@@ -10,6 +10,7 @@ from dataclasses import dataclass
 class TenantView:
     id: uuid.UUID
     name: str
+    max_adapters_per_backend: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class AdapterView:
     sha256: str
     storage_path: str
     created_at: float
+    pinned: bool = False
 
     @property
     def served_name(self) -> str:

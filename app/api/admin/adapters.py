@@ -115,6 +115,13 @@ async def get_adapter(adapter_id: str, session: SessionDep) -> schemas.AdapterRe
     return await adapters.get_adapter(session, adapter_id=adapter_id)
 
 
+@router.patch("/adapters/{adapter_id}")
+async def update_adapter(
+    adapter_id: str, data: schemas.AdapterUpdate, session: SessionDep
+) -> schemas.AdapterRead:
+    return await adapters.update_adapter(session, adapter_id=adapter_id, data=data)
+
+
 @router.delete("/adapters/{adapter_id}", status_code=204)
 async def delete_adapter(adapter_id: str, session: SessionDep) -> Response:
     await adapters.delete_adapter(session, adapter_id=adapter_id)

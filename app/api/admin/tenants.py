@@ -24,6 +24,11 @@ async def get_tenant(tenant: str, session: SessionDep) -> schemas.TenantRead:
     return schemas.TenantRead.model_validate(await service.get_tenant(session, tenant))
 
 
+@router.patch("/tenants/{tenant}")
+async def update_tenant(tenant: str, data: schemas.TenantUpdate, session: SessionDep) -> schemas.TenantRead:
+    return schemas.TenantRead.model_validate(await service.update_tenant(session, ref=tenant, data=data))
+
+
 @router.delete("/tenants/{tenant}", status_code=204)
 async def delete_tenant(tenant: str, session: SessionDep) -> Response:
     await service.delete_tenant(session, ref=tenant)

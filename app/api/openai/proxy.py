@@ -22,7 +22,6 @@ from app.backends.vllm import (
     BackendError,
     BackendUnavailable,
     UpstreamError,
-    VllmClient,
     is_unknown_model,
     parse_error,
 )
@@ -36,8 +35,8 @@ from app.errors import (
 )
 from app.registry.cache import RegistryCache
 from app.registry.snapshots import BackendView, TenantView
-from app.routing.placement import Placement
 from app.routing.resolve import Target, resolve
+from app.routing.router import Lease, Router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,12 +49,10 @@ _JSON = "application/json"
 class DataPath:
     """Everything a /v1 request needs, built once in the app's lifespan."""
 
-    def __init__(
-        self, *, cache: RegistryCache, placement: Placement, client: VllmClient, max_request_bytes: int
-    ) -> None:
+    def __init__(self, *, cache: RegistryCache, router: Router, max_request_bytes: int) -> None:
         self.cache = cache
-        self.placement = placement
-        self.client = client
+        self.router = router
+        self.client = router.client
         self.max_request_bytes = max_request_bytes
 
     async def authenticate(self, request: Request) -> TenantView:
@@ -89,6 +86,8 @@ class DataPath:
         tenant = await self.authenticate(request)
         body = await self.read_json(request)
         target = await resolve(self.cache, tenant, body.get("model"), body.pop("lora_request", None))
+        # A request-level chat template could name a file on the backend: never pass one through.
+        body.pop("chat_template", None)
         stream = body.get("stream") is True
         client_wants_usage = False
         if stream:
@@ -108,53 +107,82 @@ class DataPath:
                 f"no backend serves base model '{target.base_model.name}' right now",
                 headers={"Retry-After": "5"},
             )
-        backend = self.placement.choose(backends, target.adapter)
-        upstream = await _unless_disconnected(request, self._send(backend, target, route, payload))
-        return self._respond(request, upstream, target, backend, stream, client_wants_usage, headers)
+        upstream, lease = await _unless_disconnected(
+            request, self._send(backends, tenant, target, route, payload)
+        )
+        done = _Releaser(self.router, lease)
+        rewrite = _Rewriter(target)
+        content_type = upstream.headers.get("Content-Type", _JSON)
+        if stream and content_type.startswith("text/event-stream"):
+            return SseProxy(upstream, rewrite, target, client_wants_usage, headers, done)
+        return BufferedProxy(upstream, rewrite, target, content_type, headers, done)
 
     async def _send(
-        self, backend: BackendView, target: Target, route: str, payload: bytes
-    ) -> aiohttp.ClientResponse:
-        url = backend.url + route
+        self,
+        backends: tuple[BackendView, ...],
+        tenant: TenantView,
+        target: Target,
+        route: str,
+        payload: bytes,
+    ) -> tuple[aiohttp.ClientResponse, Lease]:
+        pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
         for attempt in (1, 2):
-            if target.adapter is not None:
-                await self.placement.ensure_loaded(backend, target.adapter)
-            resp = await self.client.post(url, payload, backend=backend.name)
-            if resp.status == 200:
-                return resp
-            body = await resp.read()
-            resp.release()
+            lease = await self.router.route(
+                backends, target.adapter, pinned=pinned, tenant_cap=tenant.max_adapters_per_backend
+            )
+            try:
+                resp = await self.client.post(lease.backend.url + route, payload, backend=lease.backend.name)
+                if resp.status == 200:
+                    if self.router.unhealthy:
+                        self.router.answered(lease.backend)
+                    return resp, lease
+                body = await resp.read()
+                resp.release()
+            except BackendUnavailable as exc:
+                await asyncio.shield(self.router.release(lease))
+                if not exc.never_reached:
+                    raise
+                # It refused the connection (down, restarting): nothing was processed, so send the
+                # request elsewhere once and keep traffic off that backend until it answers again.
+                await self.router.mark_down(lease.backend)
+                if attempt == 2 or len(backends) == 1:
+                    raise
+                continue
+            except BaseException:
+                await asyncio.shield(self.router.release(lease))
+                raise
             err = parse_error(resp.status, body)
             if target.adapter is not None and is_unknown_model(err) and attempt == 1:
-                # The backend lost the adapter (restart, manual unload): load it again and retry once;
+                # The backend lost the adapter (restart, manual unload): place it again and retry once;
                 # nothing has been sent to the client yet.
-                log.info("backend %s forgot %s; reloading", backend.name, target.served_name)
-                self.placement.forget(backend, target.served_name)
+                log.info("backend %s forgot %s; placing it again", lease.backend.name, target.served_name)
+                await self.router.lost(lease)
                 continue
+            await self.router.release(lease)
             raise _client_error(err, target)
         raise AssertionError("unreachable")
 
-    def _respond(
-        self,
-        request: Request,
-        upstream: aiohttp.ClientResponse,
-        target: Target,
-        backend: BackendView,
-        stream: bool,
-        client_wants_usage: bool,
-        headers: dict[str, str],
-    ) -> Response:
-        content_type = upstream.headers.get("Content-Type", _JSON)
-        rewrite = _Rewriter(target)
-        if stream and content_type.startswith("text/event-stream"):
-            return SseProxy(upstream, rewrite, target, client_wants_usage, headers)
-        return BufferedProxy(upstream, rewrite, target, content_type, headers)
+
+class _Releaser:
+    """Gives the request's lease back exactly once, when the response is over (however it ends)."""
+
+    __slots__ = ("lease", "router")
+
+    def __init__(self, router: Router, lease: Lease) -> None:
+        self.router, self.lease = router, lease
+
+    async def __call__(self) -> None:
+        await asyncio.shield(self.router.release(self.lease))
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    return await _unless_gone(request.receive, work)
+
+
+async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T:
     """Runs work, cancelling it if the client goes away first (vLLM then aborts the generation)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
         if task in done:
@@ -215,21 +243,27 @@ class BufferedProxy(Response):
         target: Target,
         content_type: str,
         headers: dict[str, str],
+        done: _Releaser,
     ) -> None:
-        self.upstream, self.rewrite, self.target = upstream, rewrite, target
+        self.upstream, self.rewrite, self.target, self.done = upstream, rewrite, target, done
         self.status_code = 200
         self.background = None
         self.raw_headers = _headers(content_type.encode(), headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            data = await self.upstream.read()
+            data = await _unless_gone(receive, self.upstream.read())
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.upstream.close()
             err = BackendUnavailable(f"the backend connection failed ({type(exc).__name__})")
             body = orjson.dumps(error_body(err.message, err.type, None, err.code))
             await _send_whole(send, 502, body, [(b"content-type", b"application/json")])
             return
+        except ClientGone:
+            self.upstream.close()
+            return
+        finally:
+            await self.done()
         self.upstream.release()
         data = self.rewrite(data)
         metrics.record_usage(self.target.base_model.name, _usage_from_body(data))
@@ -263,8 +297,9 @@ class SseProxy(Response):
         target: Target,
         client_wants_usage: bool,
         headers: dict[str, str],
+        done: _Releaser,
     ) -> None:
-        self.upstream, self.rewrite, self.target = upstream, rewrite, target
+        self.upstream, self.rewrite, self.target, self.done = upstream, rewrite, target, done
         self.client_wants_usage = client_wants_usage
         self.status_code = 200
         self.background = None
@@ -336,3 +371,4 @@ class SseProxy(Response):
                 self.upstream.release()
             else:
                 self.upstream.close()
+            await self.done()

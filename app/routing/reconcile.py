@@ -1,0 +1,95 @@
+"""Keeps the residency state true to the backends: every interval (and right after a backend answers
+404 for an adapter) each backend's /v1/models is compared with the state and the state repaired (a
+restarted vLLM, a flushed Redis, an adapter unloaded by hand). A backend that fails its health checks
+gets no traffic and its state is dropped, so its adapters are placed elsewhere; it is used again as
+soon as it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.backends.vllm import BackendUnavailable
+from app.db.models import Backend, BackendKind, BackendState
+from app.registry.snapshots import BackendView
+from app.routing.router import Router
+
+log = logging.getLogger(__name__)
+
+MANAGED_PREFIX = "lgw-"  # adapters the gateway loaded; anything else on a backend is left alone
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        router: Router,
+        interval_s: float,
+        unhealthy_after: int,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self.router = router
+        self.interval_s = interval_s
+        self.unhealthy_after = unhealthy_after
+        self._failures: dict[str, int] = {}
+        self._poked: dict[str, asyncio.Task[None]] = {}
+        router.on_trouble = self.poke
+
+    async def backends(self) -> list[BackendView]:
+        async with self._sessionmaker() as session:
+            rows = await session.scalars(
+                select(Backend).where(Backend.kind == BackendKind.SHARED, Backend.state != BackendState.DOWN)
+            )
+            return [
+                BackendView(
+                    id=b.id, name=b.name, url=b.url, base_model_id=b.base_model_id,
+                    gpu_slots=b.gpu_slots, capacity=b.capacity,
+                )
+                for b in rows
+            ]  # fmt: skip
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.gather(*(self.reconcile(b) for b in await self.backends()))
+            except Exception:
+                log.exception("reconciliation round failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def reconcile(self, backend: BackendView) -> None:
+        key, pool = str(backend.id), str(backend.base_model_id)
+        try:
+            models = await self.router.client.list_models(backend.url, backend=backend.name)
+        except BackendUnavailable:
+            self._failures[key] = self._failures.get(key, 0) + 1
+            if self._failures[key] >= self.unhealthy_after and key not in self.router.unhealthy:
+                log.warning(
+                    "backend %s failed %d health checks: draining it", backend.name, self._failures[key]
+                )
+                await self.router.mark_down(backend)
+            return
+        self._failures[key] = 0
+        if key in self.router.unhealthy:
+            log.info("backend %s answers again", backend.name)
+            self.router.unhealthy.discard(key)
+        actual = {str(m.get("id")) for m in models if str(m.get("id", "")).startswith(MANAGED_PREFIX)}
+        added, removed = await self.router.store.reconcile(pool, key, actual)
+        if added or removed:
+            log.info("backend %s: state repaired (+%d -%d)", backend.name, len(added), len(removed))
+
+    def poke(self, backend: BackendView) -> None:
+        """Reconcile this backend soon (once, however many requests ask)."""
+        key = str(backend.id)
+        task = self._poked.get(key)
+        if task is not None and not task.done():
+            return
+        self._poked[key] = asyncio.create_task(self._reconcile_quietly(backend))
+
+    async def _reconcile_quietly(self, backend: BackendView) -> None:
+        with contextlib.suppress(Exception):
+            await self.reconcile(backend)

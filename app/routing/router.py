@@ -1,0 +1,179 @@
+"""Puts each request on a backend: the adapter live there (one residency round trip when it is), or
+loaded there now, evicting the least recently used idle adapter if the backend is full. Loads are
+single-flight across every gateway sharing the residency store: one caller reserves, the others wait
+for it to register the adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from app.backends.vllm import VllmClient
+from app.errors import ServiceUnavailable
+from app.registry.snapshots import AdapterView, BackendView
+from app.residency.state import BackendSlots, Outcome, ResidencyStore
+from app.routing.policy import Action, PlacementPolicy, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Lease:
+    """A request's hold on an adapter on a backend; released when the response ends."""
+
+    pool: str
+    backend: BackendView
+    adapter: str | None  # served name; None for a base-model request (nothing to hold)
+    id: str
+    released: bool = False
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        store: ResidencyStore,
+        policy: PlacementPolicy,
+        client: VllmClient,
+        adapter_root: str,
+        wait_timeout_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.client = client
+        self._adapter_root = PurePosixPath(adapter_root)
+        self.wait_timeout_s = wait_timeout_s
+        self._rr = itertools.count()
+        self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
+        # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
+        # reconciler sets it, to check that backend at once rather than at its next round.
+        self.on_trouble: Callable[[BackendView], None] | None = None
+
+    def adapter_path(self, adapter: AdapterView) -> str:
+        return str(self._adapter_root / adapter.storage_path)
+
+    def _usable(self, backends: tuple[BackendView, ...]) -> tuple[BackendView, ...]:
+        # Unhealthy backends are avoided, not banned: if nothing else is left, trying them beats a 503
+        # (a restarted backend answers before the next health check notices).
+        healthy = tuple(b for b in backends if str(b.id) not in self.unhealthy)
+        return healthy or backends
+
+    def answered(self, backend: BackendView) -> None:
+        """A backend served a request: whatever a health check said, it is up."""
+        self.unhealthy.discard(str(backend.id))
+
+    async def route(
+        self,
+        backends: tuple[BackendView, ...],
+        adapter: AdapterView | None,
+        *,
+        pinned: frozenset[str] = frozenset(),
+        tenant_cap: int | None = None,
+    ) -> Lease:
+        backends = self._usable(backends)
+        lease_id = uuid.uuid4().hex
+        if adapter is None:
+            return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
+        pool, name = str(adapter.base_model.id), adapter.served_name
+        by_id = {str(b.id): b for b in backends}
+        slots = [BackendSlots(str(b.id), b.gpu_slots, b.capacity) for b in backends]
+        if self.policy.prefers_live:
+            got = await self.store.touch(pool, name, lease_id, slots)
+            if got is not None:
+                return Lease(pool, by_id[got], name, lease_id)
+        return await self._place(pool, by_id, slots, adapter, lease_id, pinned, tenant_cap)
+
+    async def _place(
+        self,
+        pool: str,
+        by_id: dict[str, BackendView],
+        slots: list[BackendSlots],
+        adapter: AdapterView,
+        lease_id: str,
+        pinned: frozenset[str],
+        tenant_cap: int | None,
+    ) -> Lease:
+        name = adapter.served_name
+        request = Request(name, str(adapter.tenant_id), pinned, tenant_cap)
+        deadline = time.monotonic() + self.wait_timeout_s
+        pause = 0.01
+        while True:
+            snapshot = await self.store.snapshot(pool, slots)
+            decision = self.policy.decide(request, snapshot)
+            if decision.action is Action.USE and decision.backend is not None:
+                if await self.store.acquire(pool, decision.backend, name, lease_id):
+                    return Lease(pool, by_id[decision.backend], name, lease_id)
+            elif decision.action is Action.LOAD and decision.backend is not None:
+                backend = by_id[decision.backend]
+                target = next(s for s in slots if s.id == decision.backend)
+                r = await self.store.reserve(
+                    pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
+                )
+                if r.outcome is Outcome.OK:
+                    if await self._load(pool, backend, adapter, decision.evict, r.token, lease_id):
+                        return Lease(pool, backend, name, lease_id)
+                    continue  # fenced out: our lock expired and someone else owns the load now
+                if r.outcome is Outcome.LIVE:
+                    continue  # loaded meanwhile: decide again, without waiting
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"no backend could take adapter '{adapter.name}' within {self.wait_timeout_s:.0f} s; retry",
+                    headers={"Retry-After": "2"},
+                )
+            # Someone else is loading it, or every slot is busy: poll, backing off up to 200 ms.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    async def _load(
+        self,
+        pool: str,
+        backend: BackendView,
+        adapter: AdapterView,
+        victim: str | None,
+        token: int,
+        lease_id: str,
+    ) -> bool:
+        name = adapter.served_name
+        try:
+            if victim is not None:
+                try:
+                    await self.client.unload_adapter(backend.url, victim, backend=backend.name)
+                    log.info("evicted %s from %s", victim, backend.name)
+                finally:
+                    await self.store.evicted(pool, str(backend.id), victim)
+            await self.client.load_adapter(
+                backend.url, name, self.adapter_path(adapter), backend=backend.name
+            )
+        except BaseException:
+            await asyncio.shield(self.store.abort(pool, str(backend.id), name, token))
+            raise
+        log.info("loaded %s on %s", name, backend.name)
+        return await self.store.commit(pool, str(backend.id), name, token, lease_id)
+
+    async def release(self, lease: Lease) -> None:
+        if lease.released or lease.adapter is None:
+            return
+        lease.released = True
+        await self.store.release(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
+
+    async def lost(self, lease: Lease) -> None:
+        """The backend answered 404 for the adapter: it forgot it (restart, manual unload)."""
+        if lease.adapter is None:
+            return
+        await self.release(lease)
+        await self.store.forget(lease.pool, str(lease.backend.id), lease.adapter)
+        if self.on_trouble is not None:
+            self.on_trouble(lease.backend)
+
+    async def mark_down(self, backend: BackendView) -> None:
+        """No traffic to it until it answers a health check; what it held is placed elsewhere."""
+        self.unhealthy.add(str(backend.id))
+        await self.store.drop_backend(str(backend.base_model_id), str(backend.id))
+        if self.on_trouble is not None:
+            self.on_trouble(backend)
