@@ -56,9 +56,10 @@ def _error(status: int, message: str, err_type: str, param: str | None = None) -
 class FakeVllm:
     """The state of one fake backend: its base model and the adapters loaded at runtime."""
 
-    def __init__(self, model: str, token_delay_s: float = 0.0) -> None:
+    def __init__(self, model: str, token_delay_s: float = 0.0, keep_alive_s: float = 5.0) -> None:
         self.model = model
         self.token_delay_s = token_delay_s
+        self.keep_alive_s = keep_alive_s
         self.adapters: dict[str, str] = {}  # lora_name -> lora_path
         self.created = int(time.time())
         self.routes: dict[tuple[bytes, bytes], Callable[[bytes], Response]] = {
@@ -277,15 +278,35 @@ class HttpProtocol(asyncio.Protocol):
         # wait in this queue so that responses keep their order.
         self.pending: list[tuple[bytes, bytes, bytes, bool]] = []
         self.streaming = False
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._busy()
+
+    def _idle(self) -> None:
+        # Like vLLM (uvicorn, VLLM_HTTP_TIMEOUT_KEEP_ALIVE=5 s), close a connection that stays idle:
+        # a client that reuses pooled connections must cope with the server closing them.
+        if self.app.keep_alive_s > 0 and self.transport is not None:
+            self.idle_timer = asyncio.get_running_loop().call_later(self.app.keep_alive_s, self._close_idle)
+
+    def _busy(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _close_idle(self) -> None:
+        self.idle_timer = None
+        if self.transport is not None and not self.streaming:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._busy()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -322,12 +343,16 @@ class HttpProtocol(asyncio.Protocol):
             )
             if not keep_alive:
                 transport.close()
+            else:
+                self._idle()
             return
         head = _head(response.status, response.content_type, None, keep_alive)
         if self.app.token_delay_s <= 0:
             transport.write(head + b"".join(_chunk(e) for e in response.events) + b"0\r\n\r\n")
             if not keep_alive:
                 transport.close()
+            else:
+                self._idle()
             return
         transport.write(head)
         self.streaming = True
@@ -349,6 +374,8 @@ class HttpProtocol(asyncio.Protocol):
         self.streaming = False
         while self.pending and not self.streaming:
             self._respond(*self.pending.pop(0))
+        if not self.streaming:
+            self._idle()
 
 
 async def serve(host: str, port: int, app: FakeVllm) -> None:
@@ -373,8 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="pause between streamed chunks (default 0: the whole stream is written at once)",
     )
+    parser.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="close connections idle this many seconds, as vLLM does (default 5; 0: never)",
+    )
     args = parser.parse_args(argv)
-    app = FakeVllm(args.model, token_delay_s=args.token_delay_ms / 1000)
+    app = FakeVllm(args.model, token_delay_s=args.token_delay_ms / 1000, keep_alive_s=args.keep_alive_timeout)
     try:
         import uvloop
     except ImportError:

@@ -28,14 +28,15 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
+from collections import Counter
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
-from bench import loadgen, provision
+from bench import loadgen, profile, provision
 from bench.loadgen import Latencies, Target, Throughput
 from bench.procs import (
     Child,
@@ -98,6 +99,16 @@ class Comparison:
     first_byte: dict[str, Latencies] = field(default_factory=dict)
     # Share of each CPU that processes outside this run (and the hypervisor) took while it measured.
     foreign_cpu: dict[str, float] = field(default_factory=dict)
+    profile: str = ""  # py-spy summary of the gateway at max load, with --profile
+    # Every request sent per side (warm-ups included) and the failed ones by cause.
+    sent: Counter[str] = field(default_factory=Counter)
+    failures: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def count(self, label: str, errors: Mapping[str, int], total: int) -> None:
+        """Keep a measurement's failures; too many void the run (loadgen.ensure_mostly_ok)."""
+        self.sent[label] += total
+        self.failures.setdefault(label, Counter()).update(errors)
+        loadgen.ensure_mostly_ok(f"{self.scenario}, {label}", errors, total)
 
     def best_rps(self, side: str) -> float:
         return max(t.rps for t in self.throughput[side])
@@ -201,13 +212,14 @@ def measure(
     gateway: Child,
     upstream_pgid: int,
     cpus: tuple[int, int],
+    profile_dir: Path | None,
 ) -> None:
     """All three measurements, alternating direct and gateway round by round."""
     gateway_cpu, client_cpu_id = cpus
     client_cpu = str(client_cpu_id)
     busy_before, started_at = cpu_busy_seconds(), time.monotonic()
     ours_before = (gateway.cpu_seconds(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
-    _measure(comparison, pair, stream_pair, gateway=gateway, client_cpu=client_cpu)
+    _measure(comparison, pair, stream_pair, gateway=gateway, client_cpu=client_cpu, profile_dir=profile_dir)
     wall = time.monotonic() - started_at
     busy_after = cpu_busy_seconds()
     ours_after = (gateway.cpu_seconds(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
@@ -226,6 +238,7 @@ def _measure(
     *,
     gateway: Child,
     client_cpu: str,
+    profile_dir: Path | None,
 ) -> None:
     plan = comparison.plan
     use_wrk = loadgen.have_wrk()
@@ -233,8 +246,16 @@ def _measure(
 
     def closed(target: Target, seconds: float) -> Throughput:
         if use_wrk:
-            return loadgen.wrk(target, cpu=client_cpu, connections=plan.connections, seconds=seconds)
-        return run_async(loadgen.closed_loop(target, connections=plan.connections, seconds=seconds))
+            result = loadgen.wrk(target, cpu=client_cpu, connections=plan.connections, seconds=seconds)
+        else:
+            result = run_async(loadgen.closed_loop(target, connections=plan.connections, seconds=seconds))
+        comparison.count(target.label, result.errors, result.requests)
+        return result
+
+    def fixed(target: Target, seconds: float) -> Latencies:
+        result = run_async(loadgen.fixed_rate(target, rate=plan.rate, seconds=seconds))
+        comparison.count(target.label, result.errors, len(result.samples) + result.failed)
+        return result
 
     log(
         f"max req/s: {plan.rounds} x {round_s:.0f} s per side, {plan.connections} connections "
@@ -249,23 +270,37 @@ def _measure(
             comparison.gateway_cpu_busy.append((gateway.cpu_seconds() - cpu_before) / throughput.seconds)
         comparison.throughput.setdefault(target.label, []).append(throughput)
         log(f"  {target.label}: {throughput.rps:,.0f} req/s")
+    if profile_dir is not None:
+        # Extra rounds, outside the reported figures: py-spy takes CPU time on the client side.
+        slug = comparison.scenario.split()[0].lower()
+        for fmt, suffix in (("raw", "txt"), ("flamegraph", "svg")):
+            out = profile_dir / f"{slug}-gateway.{suffix}"
+            log(f"profiling the gateway at max load for {round_s:.0f} s -> {out}")
+            argv = profile.record_argv(pid=gateway.pid, cpu=client_cpu, seconds=round_s, out=out, fmt=fmt)
+            with Child("py-spy", argv, log_path=profile_dir / "py-spy.log") as spy:
+                closed(pair[1], round_s)
+                spy.wait(timeout_s=60)
+        comparison.profile = profile.render(profile_dir / f"{slug}-gateway.txt")
 
     latency_s = plan.latency_s / plan.rounds
     log(f"latency at {plan.rate:g} req/s: {plan.rounds} x {latency_s:.0f} s per side")
     parts: dict[str, list[Latencies]] = {t.label: [] for t in pair}
     for target in pair:
-        run_async(loadgen.fixed_rate(target, rate=plan.rate, seconds=1))  # warm-up
+        fixed(target, 1)  # warm-up
     for target in pair * plan.rounds:
-        latencies = run_async(loadgen.fixed_rate(target, rate=plan.rate, seconds=latency_s))
+        latencies = fixed(target, latency_s)
         parts[target.label].append(latencies)
         log(f"  {target.label}: p50 {latencies.p50_ms:.2f} ms, p99 {latencies.p99_ms:.2f} ms")
     comparison.latency = {label: loadgen.merge(p) for label, p in parts.items()}
 
     if stream_pair is not None:
         log(f"stream first byte: {plan.stream_requests} sequential requests per side, alternating")
-        run_async(loadgen.first_bytes(stream_pair, requests=max(1, plan.stream_requests // 10)))  # warm-up
-        direct, through = run_async(loadgen.first_bytes(stream_pair, requests=plan.stream_requests))
-        comparison.first_byte = {"direct": direct, "gateway": through}
+        for requests, keep in ((max(1, plan.stream_requests // 10), False), (plan.stream_requests, True)):
+            results = run_async(loadgen.first_bytes(stream_pair, requests=requests))
+            for target, result in zip(stream_pair, results, strict=True):
+                comparison.count(target.label, result.errors, requests)
+                if keep:  # the first pass only warms up
+                    comparison.first_byte[target.label] = result
 
 
 # --- scenarios ---------------------------------------------------------------------------------------
@@ -297,7 +332,9 @@ def fake_scenario(args: argparse.Namespace, work: Path) -> Comparison:
         port = free_port()
         log(f"gateway on CPU {gateway_cpu}: http://127.0.0.1:{port} (data dir {data_dir})")
         gateway_url = f"http://127.0.0.1:{port}"
-        child = provision.gateway(data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu)
+        child = provision.gateway(
+            data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu, source=args.source
+        )
         with started(child, f"{gateway_url}/healthz") as gw:
             adapter_dir = provision.write_fake_adapter(
                 work / "fake-adapter", base_model=BASE_MODEL, num_layers=2, shapes=FAKE_SHAPES
@@ -343,7 +380,15 @@ def fake_scenario(args: argparse.Namespace, work: Path) -> Comparison:
             pair = targets(**common, stream=False)
             stream_pair = targets(**common, stream=True) if args.route == "chat" else None
             cpus = (args.gateway_cpu, args.client_cpu)
-            measure(comparison, pair, stream_pair, gateway=gw, upstream_pgid=upstream.pid, cpus=cpus)
+            measure(
+                comparison,
+                pair,
+                stream_pair,
+                gateway=gw,
+                upstream_pgid=upstream.pid,
+                cpus=cpus,
+                profile_dir=args.profile,
+            )
             return comparison
 
 
@@ -382,7 +427,9 @@ def vllm_scenario(args: argparse.Namespace, work: Path) -> Comparison:
         port = free_port()
         gateway_url = f"http://127.0.0.1:{port}"
         log(f"gateway on CPU {gateway_cpu}: {gateway_url} (data dir {data_dir})")
-        child = provision.gateway(data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu)
+        child = provision.gateway(
+            data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu, source=args.source
+        )
         with started(child, f"{gateway_url}/healthz") as gw:
             admin = provision.Admin(gateway_url, admin_key)
             try:
@@ -422,7 +469,15 @@ def vllm_scenario(args: argparse.Namespace, work: Path) -> Comparison:
             cpus = (args.gateway_cpu, args.client_cpu)
             if vllm.pid is None:
                 raise RuntimeError("vLLM server stopped before the measurements")
-            measure(comparison, pair, stream_pair, gateway=gw, upstream_pgid=vllm.pid, cpus=cpus)
+            measure(
+                comparison,
+                pair,
+                stream_pair,
+                gateway=gw,
+                upstream_pgid=vllm.pid,
+                cpus=cpus,
+                profile_dir=args.profile,
+            )
             return comparison
 
 
@@ -450,6 +505,8 @@ def goals(c: Comparison) -> list[Goal]:
     if c.first_byte:
         added = c.first_byte["gateway"].p50_ms - c.first_byte["direct"].p50_ms
         found.append(Goal("added streaming first byte p50", added, 1.0, False, "ms"))
+    failed = sum(c.failures.get("gateway", Counter()).values())
+    found.append(Goal("no failed requests through the gateway", failed, 0, False, "failed"))
     return found
 
 
@@ -483,6 +540,17 @@ def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
         if c.first_byte:
             dl, gl = c.first_byte["direct"].pct_ms(q), c.first_byte["gateway"].pct_ms(q)
             row(f"stream first byte p{q}, 1 client (ms)", dl, gl, ".2f", f"{gl - dl:+.2f} ms")
+    failed = {side: sum(c.failures.get(side, Counter()).values()) for side in ("direct", "gateway")}
+    row(
+        "failed requests (all phases)",
+        failed["direct"],
+        failed["gateway"],
+        ",d",
+        f"of {c.sent['direct']:,} / {c.sent['gateway']:,} sent",
+    )
+    for side in ("direct", "gateway"):
+        for cause, n in c.failures.get(side, Counter()).most_common(5):
+            lines.append(f"  {side} failure x{n}: {cause}")
     for key, cpu in (("gateway_cpu", args.gateway_cpu), ("client_cpu", args.client_cpu)):
         if c.foreign_cpu.get(key, 0.0) > 0.05:
             lines.append(
@@ -500,12 +568,15 @@ def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
     if judge:
         lines.append("goals (against the direct baseline of this run):")
         for goal in goals(c):
+            verdict = "PASS" if goal.passed else "MISS"
+            if goal.unit == "failed":
+                lines.append(f"  {verdict}  {goal.text}: {goal.measured:,.0f} of {c.sent['gateway']:,}")
+                continue
             sign = ">=" if goal.higher_is_better else "<="
-            value = f"{goal.measured:,.0f}" if goal.unit == "req/s" else f"{goal.measured:+.2f}"
-            lines.append(
-                f"  {'PASS' if goal.passed else 'MISS'}  {goal.text} {sign} {goal.limit:,g} {goal.unit}: "
-                f"{value} {goal.unit}"
-            )
+            value = f"{goal.measured:+.2f}" if goal.unit == "ms" else f"{goal.measured:,.0f}"
+            lines.append(f"  {verdict}  {goal.text} {sign} {goal.limit:,g} {goal.unit}: {value} {goal.unit}")
+    if c.profile:
+        lines.append(c.profile)
     return "\n".join(lines)
 
 
@@ -527,6 +598,9 @@ def as_json(c: Comparison) -> dict[str, Any]:
         "throughput": {k: [{**asdict(t), "rps": t.rps} for t in v] for k, v in c.throughput.items()},
         "gateway_cpu_busy": c.gateway_cpu_busy,
         "foreign_cpu": c.foreign_cpu,
+        "profile": c.profile,
+        "sent": dict(c.sent),
+        "failures": {side: dict(causes) for side, causes in c.failures.items()},
         "latency": {k: lat(v) for k, v in c.latency.items()},
         "first_byte": {k: lat(v) for k, v in c.first_byte.items()},
         "goals": [{**asdict(g), "passed": g.passed} for g in goals(c)]
@@ -580,7 +654,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-connections", type=int, default=8, help="closed-loop connections against vLLM")
     p.add_argument("--vllm-throughput-seconds", type=float, default=10, help="closed-loop seconds per side")
     p.add_argument("--vllm-stream-requests", type=int, default=30, help="sequential streams per side")
+    p.add_argument(
+        "--source",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway from the checkout in DIR (e.g. a git worktree of another commit)",
+    )
     p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="also profile the gateway at max load with py-spy (extra rounds); summary printed, files in DIR",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
     args = p.parse_args(argv)
     if args.no_fake and not args.vllm:
@@ -591,6 +677,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_cpus(args.gateway_cpu, args.client_cpu)
+    if args.source is not None and not (args.source / "app" / "main.py").is_file():
+        raise SystemExit(f"--source {args.source}: no app/main.py there")
     if not provision.gateway_bin().exists():
         raise SystemExit(f"{provision.gateway_bin()} not found: run `make venv` and use .venv/bin/python")
     if not loadgen.have_wrk():
@@ -598,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
             "wrk not found (apt-get install -y wrk): max req/s falls back to a Python client, which "
             "may saturate before the gateway does"
         )
+    if args.profile is not None:
+        profile.py_spy()  # fail now, not after the first scenario, when it is missing
+        args.profile.mkdir(parents=True, exist_ok=True)
     exit_on_sigterm()
     warn_if_busy((args.gateway_cpu, args.client_cpu))
     # This process is the Python load generator: it belongs on the client CPU with the upstream.

@@ -103,6 +103,12 @@ class Child:
                     )
                 time.sleep(0.1)
 
+    def wait(self, timeout_s: float) -> int:
+        """Wait for a child that ends by itself (py-spy with --duration); its exit status."""
+        if self._process is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self._process.wait(timeout=timeout_s)
+
     def cpu_seconds(self) -> float:
         return group_cpu_seconds(self._process.pid) if self._process is not None else 0.0
 

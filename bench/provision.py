@@ -37,17 +37,17 @@ def gateway_bin() -> Path:
     return Path(sys.executable).parent / "lora-gateway"
 
 
-def gateway_env(data_dir: Path, admin_key: str) -> dict[str, str]:
+def gateway_env(data_dir: Path, admin_key: str, source: Path | None = None) -> dict[str, str]:
+    """The gateway's environment; `source` runs the `app` package found there (another checkout)."""
     # Drop the caller's GATEWAY_* settings (a Postgres URL, another store): a run uses only its
     # temporary embedded defaults.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        {
-            "GATEWAY_DATA_DIR": str(data_dir),
-            "GATEWAY_ADMIN_API_KEY": admin_key,
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    env["GATEWAY_DATA_DIR"] = str(data_dir)
+    env["GATEWAY_ADMIN_API_KEY"] = admin_key
+    env["PYTHONUNBUFFERED"] = "1"
+    if source is not None:
+        # PYTHONPATH is searched before the venv's editable install of this checkout.
+        env["PYTHONPATH"] = str(source.resolve())
     return env
 
 
@@ -55,13 +55,13 @@ def new_admin_key() -> str:
     return secrets.token_hex(16)  # 32 characters
 
 
-def gateway(*, data_dir: Path, admin_key: str, port: int, cpu: str) -> Child:
+def gateway(*, data_dir: Path, admin_key: str, port: int, cpu: str, source: Path | None = None) -> Child:
     """Migrate a fresh database; return (not yet started) `lora-gateway serve`, one worker on `cpu`.
 
     The working directory is the data dir, so that a developer's .env in the repository cannot
     point the run at another database.
     """
-    env = gateway_env(data_dir, admin_key)
+    env = gateway_env(data_dir, admin_key, source)
     binary = str(gateway_bin())
     run_to_end([binary, "migrate"], env=env, cwd=data_dir, timeout_s=120)
     return Child(
