@@ -57,6 +57,9 @@ def create_app(settings: Settings) -> FastAPI:
             policy=make_policy(settings.PLACEMENT_POLICY),
             client=client,
             adapter_root=settings.BACKEND_ADAPTER_ROOT,
+            local_store=settings.store_root
+            if settings.BACKEND_ADAPTER_ROOT == str(settings.store_root)
+            else None,
             wait_timeout_s=settings.PLACEMENT_WAIT_S,
         )
         data_path = DataPath(cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES)

@@ -104,6 +104,8 @@ class VllmClient:
         try:
             async with self.session.request(method, url, json=json, timeout=self._control_timeout) as resp:
                 return resp.status, await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnavailable(f"backend {backend} is unreachable", never_reached=True) from exc
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
             raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
 

@@ -17,6 +17,7 @@ class _Backend:
     leases: dict[str, dict[str, float]] = field(default_factory=dict)  # adapter -> lease -> expiry
     loading: dict[str, tuple[int, float]] = field(default_factory=dict)  # adapter -> (token, expiry)
     evicting: dict[str, float] = field(default_factory=dict)  # adapter -> expiry
+    gone: dict[str, float] = field(default_factory=dict)  # recently evicted/forgotten -> until
 
     def prune(self, now: float) -> None:
         for adapter in [a for a, (_, exp) in self.loading.items() if exp <= now]:
@@ -25,6 +26,8 @@ class _Backend:
                 self.tenants.pop(adapter, None)
         for adapter in [a for a, exp in self.evicting.items() if exp <= now]:
             del self.evicting[adapter]
+        for adapter in [a for a, exp in self.gone.items() if exp <= now]:
+            del self.gone[adapter]
         for adapter in list(self.leases):
             live = {k: v for k, v in self.leases[adapter].items() if v > now}
             if live:
@@ -34,6 +37,10 @@ class _Backend:
 
     def inflight(self, adapter: str) -> int:
         return len(self.leases.get(adapter, ()))
+
+
+# How long an evicted or forgotten adapter is not re-added from a backend's (possibly stale) listing.
+GONE_GRACE_S = 30.0
 
 
 class MemoryResidency:
@@ -159,20 +166,25 @@ class MemoryResidency:
             b.tenants.pop(adapter, None)
 
     async def evicted(self, pool: str, backend: str, adapter: str) -> None:
-        self._b(pool, backend).evicting.pop(adapter, None)
+        b = self._b(pool, backend)
+        b.evicting.pop(adapter, None)
+        b.gone[adapter] = self._clock() + GONE_GRACE_S
 
     async def forget(self, pool: str, backend: str, adapter: str) -> None:
         b = self._b(pool, backend)
         b.registered.pop(adapter, None)
+        b.gone[adapter] = self._clock() + GONE_GRACE_S
         if adapter not in b.loading:
             b.tenants.pop(adapter, None)
 
-    async def reconcile(self, pool: str, backend: str, actual: set[str]) -> tuple[set[str], set[str]]:
+    async def reconcile(
+        self, pool: str, backend: str, actual: set[str], known_before: set[str]
+    ) -> tuple[set[str], set[str]]:
         now = self._clock()
         b = self._b(pool, backend)
         busy = set(b.loading) | set(b.evicting)
-        removed = {a for a in b.registered if a not in actual and a not in busy}
-        added = {a for a in actual if a not in b.registered and a not in busy}
+        removed = {a for a in b.registered if a not in actual and a in known_before and a not in busy}
+        added = {a for a in actual if a not in b.registered and a not in busy and a not in b.gone}
         for a in removed:
             del b.registered[a]
             b.tenants.pop(a, None)

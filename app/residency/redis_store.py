@@ -15,6 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from app.residency.memory import GONE_GRACE_S
 from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
 
 _COMMON = """
@@ -192,34 +193,51 @@ return 1
 """
 )
 
-# ARGV: backend, adapter
+# ARGV: backend, adapter, grace_ms
 _FORGET = (
     _COMMON
     + """
 local b, a = ARGV[1], ARGV[2]
 redis.call('ZREM', P .. 'reg:' .. b, a)
 if not redis.call('ZSCORE', P .. 'load:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
+redis.call('ZADD', P .. 'gone:' .. b, now + tonumber(ARGV[3]), a)
 return 1
 """
 )
 
-# ARGV: backend, then the adapters the backend reports. Returns {added, removed}.
+# ARGV: backend, adapter, grace_ms
+_EVICTED = (
+    _COMMON
+    + """
+local b, a = ARGV[1], ARGV[2]
+redis.call('ZREM', P .. 'evict:' .. b, a)
+redis.call('ZADD', P .. 'gone:' .. b, now + tonumber(ARGV[3]), a)
+return 1
+"""
+)
+
+# ARGV: backend, count of adapters known before the listing, those adapters, then the listing.
+# Returns {added, removed}.
 _RECONCILE = (
     _COMMON
     + """
 local b = ARGV[1]
 prune_busy(b)
-local reg, load, evict = P .. 'reg:' .. b, P .. 'load:' .. b, P .. 'evict:' .. b
-local actual = {}
-for i = 2, #ARGV do actual[ARGV[i]] = true end
+local reg, load, evict, gone = P .. 'reg:' .. b, P .. 'load:' .. b, P .. 'evict:' .. b, P .. 'gone:' .. b
+redis.call('ZREMRANGEBYSCORE', gone, '-inf', now)
+local n_known = tonumber(ARGV[2])
+local known, actual = {}, {}
+for i = 3, 2 + n_known do known[ARGV[i]] = true end
+for i = 3 + n_known, #ARGV do actual[ARGV[i]] = true end
+local function busy(a) return redis.call('ZSCORE', load, a) or redis.call('ZSCORE', evict, a) end
 local added, removed = {}, {}
 for _, a in ipairs(redis.call('ZRANGE', reg, 0, -1)) do
-  if not actual[a] and not redis.call('ZSCORE', load, a) and not redis.call('ZSCORE', evict, a) then
+  if not actual[a] and known[a] and not busy(a) then
     redis.call('ZREM', reg, a); redis.call('HDEL', P .. 'ten:' .. b, a); table.insert(removed, a)
   end
 end
 for a, _ in pairs(actual) do
-  if not redis.call('ZSCORE', reg, a) and not redis.call('ZSCORE', load, a) and not redis.call('ZSCORE', evict, a) then
+  if not redis.call('ZSCORE', reg, a) and not busy(a) and not redis.call('ZSCORE', gone, a) then
     redis.call('ZADD', reg, now, a); table.insert(added, a)
   end
 end
@@ -253,6 +271,8 @@ class RedisResidency:
         self._abort = redis.register_script(_ABORT)
         self._forget = redis.register_script(_FORGET)
         self._reconcile = redis.register_script(_RECONCILE)
+        self._evicted = redis.register_script(_EVICTED)
+        self.gone_ms = int(GONE_GRACE_S * 1000)
 
     def _key(self, pool: str) -> str:
         return f"{self.prefix}:{{{pool}}}:"
@@ -319,18 +339,21 @@ class RedisResidency:
         await self._abort(keys=[self._key(pool)], args=[backend, adapter, token])
 
     async def evicted(self, pool: str, backend: str, adapter: str) -> None:
-        await self.redis.zrem(self._key(pool) + f"evict:{backend}", adapter)
+        await self._evicted(keys=[self._key(pool)], args=[backend, adapter, self.gone_ms])
 
     async def forget(self, pool: str, backend: str, adapter: str) -> None:
-        await self._forget(keys=[self._key(pool)], args=[backend, adapter])
+        await self._forget(keys=[self._key(pool)], args=[backend, adapter, self.gone_ms])
 
-    async def reconcile(self, pool: str, backend: str, actual: set[str]) -> tuple[set[str], set[str]]:
-        added, removed = await self._reconcile(keys=[self._key(pool)], args=[backend, *sorted(actual)])
+    async def reconcile(
+        self, pool: str, backend: str, actual: set[str], known_before: set[str]
+    ) -> tuple[set[str], set[str]]:
+        args: list[str | int] = [backend, len(known_before), *sorted(known_before), *sorted(actual)]
+        added, removed = await self._reconcile(keys=[self._key(pool)], args=args)
         return {_s(a) for a in added}, {_s(a) for a in removed}
 
     async def drop_backend(self, pool: str, backend: str) -> None:
         p = self._key(pool)
-        keys = [f"{p}{kind}:{backend}" for kind in ("reg", "ten", "load", "tok", "evict", "act")]
+        keys = [f"{p}{kind}:{backend}" for kind in ("reg", "ten", "load", "tok", "evict", "act", "gone")]
         async for key in self.redis.scan_iter(match=f"{p}lease:{backend}:*"):
             keys.append(key)
         await self.redis.delete(*keys)

@@ -100,8 +100,13 @@ class ResidencyStore(Protocol):
     async def forget(self, pool: str, backend: str, adapter: str) -> None:
         """The backend does not have it (a 404): drop it from the registered set."""
 
-    async def reconcile(self, pool: str, backend: str, actual: set[str]) -> tuple[set[str], set[str]]:
-        """Make the registered set match what the backend reports (loads and evictions under way are left
-        alone); returns (added, removed)."""
+    async def reconcile(
+        self, pool: str, backend: str, actual: set[str], known_before: set[str]
+    ) -> tuple[set[str], set[str]]:
+        """Make the registered set match what the backend reported; returns (added, removed).
+
+        `actual` was read while other gateways kept working, so it may be stale: only adapters that
+        were registered before it was read (`known_before`) may be removed, and adapters evicted or
+        forgotten in the last moments are not added back. Loads and evictions under way are left alone."""
 
     async def drop_backend(self, pool: str, backend: str) -> None: ...

@@ -91,6 +91,8 @@ class LruPolicy:
         roomy = [b for b in holders if a in b.inflight or b.active < b.slots]
         if roomy:
             return Decision(Action.USE, min(roomy, key=lambda b: (b.inflight.get(a, 0), b.active)).id)
+        if any(a in b.loading for b in backends):
+            return WAIT  # single flight: a load of it is under way; never start a second copy meanwhile
         # Not live with room: load where a GPU slot is free (loads under way will take theirs).
         free_slot = [b for b in backends if b.active + len(b.loading - b.inflight.keys()) < b.slots]
         options: list[tuple[tuple[int, float, int], Decision]] = []

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.backends.vllm import BackendUnavailable
 from app.db.models import Backend, BackendKind, BackendState
 from app.registry.snapshots import BackendView
+from app.residency.state import BackendSlots
 from app.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Reconciler:
 
     async def reconcile(self, backend: BackendView) -> None:
         key, pool = str(backend.id), str(backend.base_model_id)
+        slots = BackendSlots(key, backend.gpu_slots, backend.capacity)
+        known_before = set((await self.router.store.snapshot(pool, [slots]))[0].registered)
         try:
             models = await self.router.client.list_models(backend.url, backend=backend.name)
         except BackendUnavailable:
@@ -78,7 +81,7 @@ class Reconciler:
             log.info("backend %s answers again", backend.name)
             self.router.unhealthy.discard(key)
         actual = {str(m.get("id")) for m in models if str(m.get("id", "")).startswith(MANAGED_PREFIX)}
-        added, removed = await self.router.store.reconcile(pool, key, actual)
+        added, removed = await self.router.store.reconcile(pool, key, actual, known_before)
         if added or removed:
             log.info("backend %s: state repaired (+%d -%d)", backend.name, len(added), len(removed))
 

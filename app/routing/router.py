@@ -12,9 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
-from app.backends.vllm import VllmClient
+from app.backends.vllm import BackendUnavailable, VllmClient
 from app.errors import ServiceUnavailable
 from app.registry.snapshots import AdapterView, BackendView
 from app.residency.state import BackendSlots, Outcome, ResidencyStore
@@ -42,12 +42,16 @@ class Router:
         policy: PlacementPolicy,
         client: VllmClient,
         adapter_root: str,
+        local_store: Path | None = None,
         wait_timeout_s: float = 30.0,
     ) -> None:
         self.store = store
         self.policy = policy
         self.client = client
         self._adapter_root = PurePosixPath(adapter_root)
+        # Where this process sees the same files, when it does: checked before any load, because a
+        # vLLM server asked to load a folder that is not there can take its engine down with it.
+        self._local_store = local_store
         self.wait_timeout_s = wait_timeout_s
         self._rr = itertools.count()
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
@@ -100,10 +104,13 @@ class Router:
         tenant_cap: int | None,
     ) -> Lease:
         name = adapter.served_name
+        all_slots = slots
         request = Request(name, str(adapter.tenant_id), pinned, tenant_cap)
         deadline = time.monotonic() + self.wait_timeout_s
         pause = 0.01
         while True:
+            # A backend found down meanwhile drops out of the choice (unless it is the only one left).
+            slots = [s for s in all_slots if s.id not in self.unhealthy] or all_slots
             snapshot = await self.store.snapshot(pool, slots)
             decision = self.policy.decide(request, snapshot)
             if decision.action is Action.USE and decision.backend is not None:
@@ -116,7 +123,14 @@ class Router:
                     pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
                 )
                 if r.outcome is Outcome.OK:
-                    if await self._load(pool, backend, adapter, decision.evict, r.token, lease_id):
+                    try:
+                        loaded = await self._load(pool, backend, adapter, decision.evict, r.token, lease_id)
+                    except BackendUnavailable as exc:
+                        if not exc.never_reached or len(all_slots) == 1:
+                            raise
+                        await self.mark_down(backend)  # it refused the connection: place it elsewhere
+                        continue
+                    if loaded:
                         return Lease(pool, backend, name, lease_id)
                     continue  # fenced out: our lock expired and someone else owns the load now
                 if r.outcome is Outcome.LIVE:

@@ -87,6 +87,7 @@ def vllm(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmCpuServ
 def start_gateway(
     data_dir: Path, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
+    data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env |= {

@@ -225,10 +225,22 @@ class TestRepair:
         await store.release(POOL, "b1", "a", await load(store, B1, "a"))
         r = await store.reserve(POOL, B1, "loading", "t1", victim=None, tenant_cap=None)
         assert r.outcome is Outcome.OK
-        added, removed = await store.reconcile(POOL, "b1", {"b"})
+        added, removed = await store.reconcile(POOL, "b1", {"b"}, known_before={"a"})
         assert (added, removed) == ({"b"}, {"a"})
         s = await state(store)
         assert set(s.registered) == {"b"} and s.loading == {"loading"}
+
+    async def test_reconcile_tolerates_a_stale_listing(self, store: ResidencyStore) -> None:
+        # The listing was read before "fresh" was loaded and while "old" was still there (it has been
+        # evicted since): neither may be undone by it.
+        await store.release(POOL, "b1", "old", await load(store, B1, "old"))
+        r = await store.reserve(POOL, B1, "fresh", "t1", victim="old", tenant_cap=None)
+        assert r.outcome is Outcome.OK
+        await store.evicted(POOL, "b1", "old")
+        assert await store.commit(POOL, "b1", "fresh", r.token, "l")
+        added, removed = await store.reconcile(POOL, "b1", {"old"}, known_before={"old"})
+        assert (added, removed) == (set(), set())
+        assert set((await state(store)).registered) == {"fresh"}
 
     async def test_forget_and_drop(self, store: ResidencyStore) -> None:
         await load(store, B1, "a")
