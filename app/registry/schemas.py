@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StrictBool, StringConstraints, model_validator
 
 from app.db.models import AdapterState, BackendKind, BackendState
 
@@ -145,7 +145,7 @@ class AdapterRead(_Read):
 
 class AdapterUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pinned: bool | None = Field(None, description="Never evict it from a backend once loaded")
+    pinned: StrictBool | None = Field(None, description="Never evict it from a backend once loaded")
     state: AdapterState | None = Field(None, description="ready or disabled")
 
 

@@ -443,3 +443,33 @@ async def test_concurrent_uploads_of_one_name_get_distinct_versions(admin: httpx
     responses = await asyncio.gather(*(upload(admin, adapter_files(seed=i)) for i in range(6)))
     assert [r.status_code for r in responses] == [201] * 6, [r.text for r in responses]
     assert sorted(r.json()["version"] for r in responses) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.usefixtures("world")
+class TestAdapterUpdate:
+    async def test_pin_and_disable(self, admin: httpx.AsyncClient, client: httpx.AsyncClient) -> None:
+        body = (await upload(admin, adapter_files())).json()
+        assert body["pinned"] is False
+        resp = await admin.patch(f"/admin/v1/adapters/{body['id']}", json={"pinned": True})
+        assert resp.status_code == 200 and resp.json()["pinned"] is True
+        key = (await registry.api_key(admin))["key"]
+        listed = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert "support" in {m["id"] for m in listed.json()["data"]}
+        resp = await admin.patch(f"/admin/v1/adapters/{body['id']}", json={"state": "disabled"})
+        assert resp.json()["state"] == "disabled"
+        listed = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert "support" not in {m["id"] for m in listed.json()["data"]}
+
+    @pytest.mark.parametrize(
+        "patch", [{"pinned": "yes"}, {"state": "deleted"}, {"state": "gone"}, {"rank": 4}]
+    )
+    async def test_bad_update_is_400(self, admin: httpx.AsyncClient, patch: dict[str, object]) -> None:
+        body = (await upload(admin, adapter_files())).json()
+        assert_envelope(await admin.patch(f"/admin/v1/adapters/{body['id']}", json=patch), 400)
+        assert (await admin.get(f"/admin/v1/adapters/{body['id']}")).json() == body
+
+    async def test_unknown_adapter_is_404(self, admin: httpx.AsyncClient) -> None:
+        resp = await admin.patch(
+            "/admin/v1/adapters/00000000-0000-0000-0000-000000000000", json={"pinned": True}
+        )
+        assert_envelope(resp, 404, "not_found")

@@ -27,6 +27,7 @@ ADMIN_ROUTES = [
     ("POST", "/admin/v1/tenants"),
     ("GET", "/admin/v1/tenants/acme"),
     ("DELETE", "/admin/v1/tenants/acme"),
+    ("PATCH", "/admin/v1/tenants/acme"),
     ("POST", "/admin/v1/tenants/acme/api-keys"),
     ("GET", "/admin/v1/tenants/acme/api-keys"),
     ("DELETE", "/admin/v1/tenants/acme/api-keys/00000000-0000-0000-0000-000000000000"),
@@ -43,6 +44,7 @@ ADMIN_ROUTES = [
     ("GET", "/admin/v1/tenants/acme/adapters"),
     ("GET", "/admin/v1/adapters/00000000-0000-0000-0000-000000000000"),
     ("DELETE", "/admin/v1/adapters/00000000-0000-0000-0000-000000000000"),
+    ("PATCH", "/admin/v1/adapters/00000000-0000-0000-0000-000000000000"),
 ]
 
 
@@ -173,3 +175,20 @@ class TestApiKeys:
     async def test_bad_key_body_is_400(self, admin: httpx.AsyncClient) -> None:
         await registry.tenant(admin)
         assert_envelope(await admin.post("/admin/v1/tenants/acme/api-keys", json={"name": "x" * 101}), 400)
+
+
+class TestTenantUpdate:
+    async def test_cap_set_and_cleared(self, admin: httpx.AsyncClient) -> None:
+        await registry.tenant(admin)
+        resp = await admin.patch("/admin/v1/tenants/acme", json={"max_adapters_per_backend": 2})
+        assert resp.status_code == 200 and resp.json()["max_adapters_per_backend"] == 2
+        resp = await admin.patch("/admin/v1/tenants/acme", json={"max_adapters_per_backend": None})
+        assert resp.json()["max_adapters_per_backend"] is None
+
+    @pytest.mark.parametrize(
+        "patch", [{"max_adapters_per_backend": 0}, {"name": "other"}, {"display_name": "x" * 201}]
+    )
+    async def test_bad_update_is_400(self, admin: httpx.AsyncClient, patch: dict[str, object]) -> None:
+        await registry.tenant(admin)
+        assert_envelope(await admin.patch("/admin/v1/tenants/acme", json=patch), 400)
+        assert (await admin.get("/admin/v1/tenants/acme")).json()["max_adapters_per_backend"] is None

@@ -1,0 +1,115 @@
+"""Placement policies on hand-made snapshots: pure logic, no fixtures."""
+
+from __future__ import annotations
+
+from app.residency.state import BackendState
+from app.routing.policy import (
+    Action,
+    Decision,
+    LruPolicy,
+    RandomPolicy,
+    Request,
+    RoundRobinPolicy,
+    make_policy,
+)
+
+
+def backend(
+    id: str,
+    *,
+    slots: int = 2,
+    capacity: int = 3,
+    registered: dict[str, float] | None = None,
+    inflight: dict[str, int] | None = None,
+    loading: set[str] | None = None,
+    tenants: dict[str, str] | None = None,
+) -> BackendState:
+    registered = registered or {}
+    return BackendState(
+        id=id,
+        slots=slots,
+        capacity=capacity,
+        registered=registered,
+        inflight=inflight or {},
+        tenants=tenants or dict.fromkeys(registered, "t1"),
+        loading=loading or set(),
+    )
+
+
+REQ = Request("x", "t1")
+
+
+class TestLru:
+    policy = LruPolicy()
+
+    def test_live_with_room_is_used(self) -> None:
+        b1 = backend("b1", registered={"x": 1.0})
+        b2 = backend("b2")
+        assert self.policy.decide(REQ, [b1, b2]) == Decision(Action.USE, "b1")
+
+    def test_spreads_over_holders_by_inflight(self) -> None:
+        b1 = backend("b1", registered={"x": 1.0}, inflight={"x": 3})
+        b2 = backend("b2", registered={"x": 1.0}, inflight={"x": 1})
+        assert self.policy.decide(REQ, [b1, b2]).backend == "b2"
+
+    def test_loads_where_capacity_is_free_before_evicting(self) -> None:
+        full = backend("b1", registered={"a": 1.0, "b": 2.0, "c": 3.0})
+        roomy = backend("b2", registered={"d": 1.0})
+        assert self.policy.decide(REQ, [full, roomy]) == Decision(Action.LOAD, "b2")
+
+    def test_evicts_the_globally_least_recently_used_idle_adapter(self) -> None:
+        b1 = backend("b1", registered={"a": 5.0, "b": 6.0, "c": 7.0})
+        b2 = backend("b2", registered={"d": 2.0, "e": 8.0, "f": 9.0})
+        assert self.policy.decide(REQ, [b1, b2]) == Decision(Action.LOAD, "b2", evict="d")
+
+    def test_never_evicts_inflight_or_pinned(self) -> None:
+        b1 = backend("b1", slots=4, registered={"a": 1.0, "b": 2.0, "c": 3.0}, inflight={"a": 1})
+        assert self.policy.decide(REQ, [b1]).evict == "b"
+        pinned = Request("x", "t1", pinned=frozenset({"b"}))
+        assert self.policy.decide(pinned, [b1]).evict == "c"
+        everything = Request("x", "t1", pinned=frozenset({"b", "c"}))
+        assert self.policy.decide(everything, [b1]).action is Action.WAIT
+
+    def test_keeps_active_adapters_within_gpu_slots(self) -> None:
+        # Two slots, both active with other adapters: no load there, even with free capacity.
+        busy = backend("b1", slots=2, capacity=4, registered={"a": 1.0, "b": 2.0}, inflight={"a": 1, "b": 1})
+        assert self.policy.decide(REQ, [busy]).action is Action.WAIT
+        idle = backend("b2", slots=2, capacity=2, registered={"c": 1.0, "d": 2.0})
+        assert self.policy.decide(REQ, [busy, idle]) == Decision(Action.LOAD, "b2", evict="c")
+
+    def test_live_but_slots_full_joins_the_holder_when_nothing_else_fits(self) -> None:
+        b1 = backend("b1", slots=2, registered={"x": 1.0, "a": 2.0, "b": 3.0}, inflight={"a": 1, "b": 1})
+        assert self.policy.decide(REQ, [b1]) == Decision(Action.USE, "b1")
+
+    def test_waits_for_a_load_under_way(self) -> None:
+        b1 = backend("b1", loading={"x"})
+        b2 = backend("b2")
+        assert self.policy.decide(REQ, [b1, b2]).action is Action.WAIT
+
+    def test_tenant_cap_makes_it_replace_its_own(self) -> None:
+        b1 = backend(
+            "b1", slots=4, capacity=4, registered={"mine": 5.0, "theirs": 1.0},
+            tenants={"mine": "t1", "theirs": "t2"},
+        )  # fmt: skip
+        capped = Request("x", "t1", tenant_cap=1)
+        assert self.policy.decide(capped, [b1]) == Decision(Action.LOAD, "b1", evict="mine")
+        assert self.policy.decide(Request("x", "t1"), [b1]) == Decision(Action.LOAD, "b1")
+
+
+class TestBaselines:
+    def test_round_robin_ignores_where_it_lives(self) -> None:
+        policy = RoundRobinPolicy()
+        b1 = backend("b1", registered={"x": 1.0})
+        b2 = backend("b2")
+        got = [policy.decide(REQ, [b1, b2]) for _ in range(4)]
+        assert [d.backend for d in got] == ["b1", "b2", "b1", "b2"]
+        assert got[1].action is Action.LOAD  # loads a second copy rather than use the live one
+
+    def test_random_is_seeded_and_uses_every_backend(self) -> None:
+        policy = RandomPolicy(seed=1)
+        backends = [backend(f"b{i}") for i in range(4)]
+        assert {policy.decide(REQ, backends).backend for _ in range(64)} == {"b0", "b1", "b2", "b3"}
+
+    def test_make_policy(self) -> None:
+        assert make_policy("lru").name == "lru"
+        assert make_policy("round-robin").prefers_live is False
