@@ -60,6 +60,17 @@ class _Loader(Generic[K, V]):
             self._cache.pop(key, None)
 
 
+def backend_view(b: Backend) -> BackendView:
+    return BackendView(
+        id=b.id,
+        name=b.name,
+        url=b.url,
+        base_model_id=b.base_model_id,
+        gpu_slots=b.gpu_slots,
+        capacity=b.capacity,
+    )
+
+
 def _base_view(m: BaseModel) -> BaseModelView:
     return BaseModelView(id=m.id, name=m.name, aliases=tuple(m.aliases), public=m.public)
 
@@ -179,7 +190,7 @@ class RegistryCache:
 
     async def _load_backends(self, base_model_id: uuid.UUID) -> tuple[BackendView, ...]:
         async with self._sessionmaker() as session:
-            rows = await session.scalars(
+            return tuple(map(backend_view, await session.scalars(
                 select(Backend)
                 .where(
                     Backend.base_model_id == base_model_id,
@@ -187,18 +198,7 @@ class RegistryCache:
                     Backend.state == BackendState.ACTIVE,
                 )
                 .order_by(Backend.name)
-            )
-            return tuple(
-                BackendView(
-                    id=b.id,
-                    name=b.name,
-                    url=b.url,
-                    base_model_id=b.base_model_id,
-                    gpu_slots=b.gpu_slots,
-                    capacity=b.capacity,
-                )
-                for b in rows
-            )
+            )))  # fmt: skip
 
     async def _load_pinned(self, base_model_id: uuid.UUID) -> frozenset[str]:
         """Served names of the pinned adapters of one base model: what eviction must leave alone."""

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.backends.vllm import BackendUnavailable
 from app.db.models import Backend, BackendKind, BackendState
+from app.registry.cache import backend_view
 from app.registry.snapshots import BackendView
 from app.residency.state import BackendSlots
 from app.routing.router import Router
@@ -46,13 +47,7 @@ class Reconciler:
             rows = await session.scalars(
                 select(Backend).where(Backend.kind == BackendKind.SHARED, Backend.state != BackendState.DOWN)
             )
-            return [
-                BackendView(
-                    id=b.id, name=b.name, url=b.url, base_model_id=b.base_model_id,
-                    gpu_slots=b.gpu_slots, capacity=b.capacity,
-                )
-                for b in rows
-            ]  # fmt: skip
+            return [backend_view(b) for b in rows]
 
     async def run(self) -> None:
         while True:

@@ -121,6 +121,14 @@ def start_gateway(
         time.sleep(0.2)
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def upload(admin: httpx.Client, tenant: str, name: str, folder: Path) -> dict[str, object]:
     files = [("file", (p.name, p.read_bytes())) for p in sorted(folder.glob("adapter_*"))]
     resp = admin.post(f"/admin/v1/tenants/{tenant}/adapters", data={"name": name}, files=files)
@@ -165,11 +173,7 @@ def gateway(vllm: VllmCpuServer, tiny, tmp_path_factory: pytest.TempPathFactory)
         yield gw
     finally:
         admin.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ an error to the next request (the adapter is loaded again and the request retrie
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,15 @@ import openai
 import pytest
 
 from app.backends.launcher import VllmCpuServer
-from tests.integration.conftest import ADMIN_KEY, BASE, Gateway, start_gateway, start_vllm, upload
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    BASE,
+    Gateway,
+    start_gateway,
+    start_vllm,
+    stop_process,
+    upload,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -120,11 +127,7 @@ def restartable(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
         yield gw, server
     finally:
         admin.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         server.stop()
 
 

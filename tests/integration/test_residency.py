@@ -8,7 +8,6 @@ import asyncio
 import os
 import random
 import re
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from app.backends.launcher import VllmCpuConfig, VllmCpuServer
 from tests.conftest import PG_ADMIN_URL, _pg_admin
-from tests.integration.conftest import ADMIN_KEY, BASE, start_gateway, upload, vllm_venv
+from tests.integration.conftest import ADMIN_KEY, BASE, start_gateway, stop_process, upload, vllm_venv
 
 pytestmark = pytest.mark.vllm
 
@@ -138,11 +137,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         redis.close()
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         for s in servers:
             s.stop()
         asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
