@@ -48,6 +48,7 @@ from bench.procs import (
     group_cpu_seconds,
     own_cpu_seconds,
     pinned,
+    threads_outside,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -338,91 +339,48 @@ def _measure(
 # --- scenarios ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """What the gateway is put in front of, and how it is registered there."""
+
+    scenario: str
+    url: str
+    pgid: int  # its process group, for the CPU accounting
+    base_model: dict[str, Any]  # the admin API's base-model body
+    gpu_slots: int
+    max_lora_rank: int
+    adapter_dir: Path
+
+
 def fake_scenario(args: argparse.Namespace, work: Path) -> Comparison:
-    gateway_cpu, client_cpu = str(args.gateway_cpu), str(args.client_cpu)
-    upstream_url = f"http://127.0.0.1:{free_port()}"
-    upstream = Child(
-        "fake upstream",
-        pinned(
-            client_cpu,
-            [
-                sys.executable,
-                str(FAKE_UPSTREAM),
-                "--port",
-                upstream_url.rsplit(":", 1)[1],
-                "--model",
-                BASE_MODEL,
-            ],
-        ),
-        log_path=work / "fake-upstream.log",
-    )
-    log(f"fake upstream on CPU {client_cpu}: {upstream_url}")
-    with started(upstream, f"{upstream_url}/health"):
-        data_dir = work / "gateway-fake"
-        data_dir.mkdir()
-        admin_key = provision.new_admin_key()
-        port = free_port()
-        log(f"gateway on CPU {gateway_cpu}: http://127.0.0.1:{port} (data dir {data_dir})")
-        gateway_url = f"http://127.0.0.1:{port}"
-        child = provision.gateway(
-            data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu, source=args.source
+    client_cpu = str(args.client_cpu)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, str(FAKE_UPSTREAM), "--port", str(port), "--model", BASE_MODEL]
+    upstream = Child("fake upstream", pinned(client_cpu, argv), log_path=work / "fake-upstream.log")
+    log(f"fake upstream on CPU {client_cpu}: {url}")
+    with started(upstream, f"{url}/health"):
+        adapter_dir = provision.write_fake_adapter(
+            work / "fake-adapter", base_model=BASE_MODEL, num_layers=2, shapes=FAKE_SHAPES
         )
-        with started(child, f"{gateway_url}/healthz") as gw:
-            adapter_dir = provision.write_fake_adapter(
-                work / "fake-adapter", base_model=BASE_MODEL, num_layers=2, shapes=FAKE_SHAPES
-            )
-            admin = provision.Admin(gateway_url, admin_key)
-            try:
-                tenant_key = admin.provision(
-                    base_model={
-                        "name": BASE_MODEL,
-                        "path": "/models/tiny",
-                        "hidden_size": 64,
-                        "num_layers": 2,
-                        "module_shapes": FAKE_SHAPES,
-                    },
-                    backend_url=upstream_url,
-                    gpu_slots=8,
-                    max_lora_rank=16,
-                    adapter_dir=adapter_dir,
-                )
-            finally:
-                admin.close()
-            warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
-            direct_model = loaded_adapter_name(upstream_url, BASE_MODEL)
-            plan = Plan(
-                connections=args.connections,
-                throughput_s=args.throughput_seconds,
-                rate=args.rate,
-                latency_s=args.latency_seconds,
-                stream_requests=args.stream_requests,
-                rounds=args.rounds,
-                max_tokens=16,
-            )
-            comparison = Comparison("fake upstream", args.route, plan, direct_model)
-            common = {
-                "route": args.route,
-                "gateway": gateway_url,
-                "upstream": upstream_url,
-                "tenant_key": tenant_key,
-                "adapter": provision.ADAPTER,
-                "direct_model": direct_model,
-                "max_tokens": plan.max_tokens,
-            }
-            pair = targets(**common, stream=False)
-            stream_pair = targets(**common, stream=True) if args.route == "chat" else None
-            cpus = (args.gateway_cpu, args.client_cpu)
-            measure(
-                comparison,
-                pair,
-                stream_pair,
-                gateway=gw,
-                upstream_pgid=upstream.pid,
-                cpus=cpus,
-                profile_dir=args.profile,
-            )
-            comparison.gateway_log = read_gateway_log(data_dir / "gateway.log")
-            return comparison
+        base_model = {
+            "name": BASE_MODEL,
+            "path": "/models/tiny",
+            "hidden_size": 64,
+            "num_layers": 2,
+            "module_shapes": FAKE_SHAPES,
+        }
+        plan = Plan(
+            connections=args.connections,
+            throughput_s=args.throughput_seconds,
+            rate=args.rate,
+            latency_s=args.latency_seconds,
+            stream_requests=args.stream_requests,
+            rounds=args.rounds,
+            max_tokens=16,
+        )
+        target = Upstream("fake upstream", url, upstream.pid, base_model, 8, 16, adapter_dir)
+        return through_gateway(args, work, target, plan)
 
 
 def vllm_scenario(args: argparse.Namespace, work: Path) -> Comparison:
@@ -430,7 +388,7 @@ def vllm_scenario(args: argparse.Namespace, work: Path) -> Comparison:
     from app.backends.launcher import VllmCpuConfig, VllmCpuServer
     from app.devkit.tinymodel import build_tiny_model
 
-    gateway_cpu, client_cpu = str(args.gateway_cpu), str(args.client_cpu)
+    client_cpu = str(args.client_cpu)
     log(f"tiny model and adapter in {args.vllm_cache} (reused when already built)")
     tiny = build_tiny_model(args.vllm_cache / "tiny", n_adapters=1, rank=8, base_model_name=BASE_MODEL)
 
@@ -453,66 +411,74 @@ def vllm_scenario(args: argparse.Namespace, work: Path) -> Comparison:
     )
     log(f"vLLM CPU server on CPU {client_cpu} (ready in ~30-60 s; log {config.log_path})")
     with PinnedVllm(config) as vllm:
-        upstream_url = vllm.base_url
-        data_dir = work / "gateway-vllm"
-        data_dir.mkdir()
-        admin_key = provision.new_admin_key()
-        port = free_port()
-        gateway_url = f"http://127.0.0.1:{port}"
-        log(f"gateway on CPU {gateway_cpu}: {gateway_url} (data dir {data_dir})")
-        child = provision.gateway(
-            data_dir=data_dir, admin_key=admin_key, port=port, cpu=gateway_cpu, source=args.source
+        if vllm.pid is None:
+            raise RuntimeError("vLLM server stopped before the measurements")
+        strays = threads_outside(vllm.pid, {args.client_cpu})
+        if strays:
+            log(f"warning: vLLM threads not pinned to CPU {client_cpu}: {', '.join(strays[:5])}")
+        plan = Plan(
+            connections=args.vllm_connections,
+            throughput_s=args.vllm_throughput_seconds,
+            rate=args.vllm_rate,
+            latency_s=args.vllm_latency_seconds,
+            stream_requests=args.vllm_stream_requests,
+            rounds=args.rounds,
+            max_tokens=8,
         )
-        with started(child, f"{gateway_url}/healthz") as gw:
-            admin = provision.Admin(gateway_url, admin_key)
-            try:
-                # The base model's shapes are read from its config.json by the gateway.
-                tenant_key = admin.provision(
-                    base_model={"name": BASE_MODEL, "path": str(tiny.base)},
-                    backend_url=upstream_url,
-                    gpu_slots=2,
-                    max_lora_rank=8,
-                    adapter_dir=tiny.adapters[0],
-                )
-            finally:
-                admin.close()
-            warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
-            direct_model = loaded_adapter_name(upstream_url, BASE_MODEL)
-            plan = Plan(
-                connections=args.vllm_connections,
-                throughput_s=args.vllm_throughput_seconds,
-                rate=args.vllm_rate,
-                latency_s=args.vllm_latency_seconds,
-                stream_requests=args.vllm_stream_requests,
-                rounds=args.rounds,
-                max_tokens=8,
+        # The gateway reads the base model's shapes from its config.json.
+        base_model = {"name": BASE_MODEL, "path": str(tiny.base)}
+        target = Upstream("vLLM CPU", vllm.base_url, vllm.pid, base_model, 2, 8, tiny.adapters[0])
+        return through_gateway(args, work, target, plan)
+
+
+def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, plan: Plan) -> Comparison:
+    """A fresh gateway in front of `upstream`, provisioned, warmed up, then measured against it."""
+    data_dir = work / f"gateway-{upstream.scenario.split()[0].lower()}"
+    data_dir.mkdir()
+    admin_key = provision.new_admin_key()
+    port = free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+    log(f"gateway on CPU {args.gateway_cpu}: {gateway_url} (data dir {data_dir})")
+    child = provision.gateway(
+        data_dir=data_dir, admin_key=admin_key, port=port, cpu=str(args.gateway_cpu), source=args.source
+    )
+    with started(child, f"{gateway_url}/healthz") as gateway:
+        admin = provision.Admin(gateway_url, admin_key)
+        try:
+            tenant_key = admin.provision(
+                base_model=upstream.base_model,
+                backend_url=upstream.url,
+                gpu_slots=upstream.gpu_slots,
+                max_lora_rank=upstream.max_lora_rank,
+                adapter_dir=upstream.adapter_dir,
             )
-            comparison = Comparison("vLLM CPU", args.route, plan, direct_model)
-            common = {
-                "route": args.route,
-                "gateway": gateway_url,
-                "upstream": upstream_url,
-                "tenant_key": tenant_key,
-                "adapter": provision.ADAPTER,
-                "direct_model": direct_model,
-                "max_tokens": plan.max_tokens,
-            }
-            pair = targets(**common, stream=False)
-            stream_pair = targets(**common, stream=True) if args.route == "chat" else None
-            cpus = (args.gateway_cpu, args.client_cpu)
-            if vllm.pid is None:
-                raise RuntimeError("vLLM server stopped before the measurements")
-            measure(
-                comparison,
-                pair,
-                stream_pair,
-                gateway=gw,
-                upstream_pgid=vllm.pid,
-                cpus=cpus,
-                profile_dir=args.profile,
-            )
-            comparison.gateway_log = read_gateway_log(data_dir / "gateway.log")
-            return comparison
+        finally:
+            admin.close()
+        warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
+        direct_model = loaded_adapter_name(upstream.url, BASE_MODEL)
+        comparison = Comparison(upstream.scenario, args.route, plan, direct_model)
+        common: dict[str, Any] = {
+            "route": args.route,
+            "gateway": gateway_url,
+            "upstream": upstream.url,
+            "tenant_key": tenant_key,
+            "adapter": provision.ADAPTER,
+            "direct_model": direct_model,
+            "max_tokens": plan.max_tokens,
+        }
+        pair = targets(**common, stream=False)
+        stream_pair = targets(**common, stream=True) if args.route == "chat" else None
+        measure(
+            comparison,
+            pair,
+            stream_pair,
+            gateway=gateway,
+            upstream_pgid=upstream.pgid,
+            cpus=(args.gateway_cpu, args.client_cpu),
+            profile_dir=args.profile,
+        )
+        comparison.gateway_log = read_gateway_log(data_dir / "gateway.log")
+        return comparison
 
 
 # --- report ------------------------------------------------------------------------------------------

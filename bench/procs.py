@@ -200,6 +200,32 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / _CLOCK_TICKS
 
 
+def threads_outside(pgid: int, cpus: set[int]) -> list[str]:
+    """Threads of a process group allowed to run on CPUs outside `cpus` (a server that re-pinned itself)."""
+    found = []
+    for pid in group_members(pgid):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    status = (task / "status").read_text()
+                    allowed = next(
+                        ln.split(":", 1)[1].strip()
+                        for ln in status.splitlines()
+                        if ln.startswith("Cpus_allowed_list:")
+                    )
+                    if not _cpu_list(allowed) <= cpus:
+                        found.append(f"{pid}/{task.name} on {allowed}")
+    return found
+
+
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 def own_cpu_seconds() -> float:
     """This process plus its reaped children (wrk runs): the load generators' CPU time."""
     t = os.times()
