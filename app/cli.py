@@ -73,6 +73,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default GATEWAY_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default GATEWAY_PORT)")] = None,
     workers: int = 1,
+    access_log: Annotated[bool, typer.Option(help="Log every request (costs ~15% CPU at full load)")] = False,
 ) -> None:
     """Run the gateway (uvicorn with uvloop and httptools)."""
     import uvicorn
@@ -99,6 +100,7 @@ def serve(
         loop="uvloop",
         http="httptools",
         log_level="info",
+        access_log=access_log,
     )
 
 

@@ -79,7 +79,9 @@ class VllmClient:
 
     @classmethod
     def create(cls, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> VllmClient:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
+        # vLLM (uvicorn) closes idle connections after 5 s; dropping ours sooner means a request never
+        # goes out on a connection the server is closing at that very moment.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         # auto_decompress off: bytes pass through untouched; skip_auto_headers keeps requests minimal.
         session = aiohttp.ClientSession(

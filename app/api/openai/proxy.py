@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -69,11 +69,14 @@ class DataPath:
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise PayloadTooLarge(f"request body exceeds {self.max_request_bytes} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise PayloadTooLarge(f"request body exceeds {self.max_request_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_request_bytes:
+                    raise PayloadTooLarge(f"request body exceeds {self.max_request_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect as exc:
+            raise ClientGone() from exc
         try:
             body = orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError as exc:

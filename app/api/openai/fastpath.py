@@ -1,0 +1,44 @@
+"""Serves the two hot routes (/v1/chat/completions, /v1/completions) as plain ASGI, ahead of FastAPI's
+routing, dependency solving and exception wrappers, which cost more CPU per request than the gateway's
+own work (bench/overhead.py with --profile). Everything else goes on to FastAPI; the same DataPath and
+the same error envelope serve both ways."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.openai.proxy import ClientGone, DataPath
+from app.errors import GatewayError, error_body
+
+log = logging.getLogger(__name__)
+
+HOT_ROUTES = {"/v1/chat/completions": "/v1/chat/completions", "/v1/completions": "/v1/completions"}
+
+
+async def proxy(request: Request, data_path: DataPath, route: str) -> Response:
+    """One request through the data path, as a response whatever happens."""
+    try:
+        return await data_path.handle(request, route)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; ends the request without an error log
+    except GatewayError as exc:
+        body = error_body(exc.message, exc.type, exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+class FastPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = HOT_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        data_path: DataPath = scope["state"]["data_path"]
+        response = await proxy(Request(scope, receive), data_path, route)
+        await response(scope, receive, send)
