@@ -440,7 +440,12 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
     gateway_url = f"http://127.0.0.1:{port}"
     log(f"gateway on CPU {args.gateway_cpu}: {gateway_url} (data dir {data_dir})")
     child = provision.gateway(
-        data_dir=data_dir, admin_key=admin_key, port=port, cpu=str(args.gateway_cpu), source=args.source
+        data_dir=data_dir,
+        admin_key=admin_key,
+        port=port,
+        cpu=str(args.gateway_cpu),
+        source=args.source,
+        redis_url=args.redis,
     )
     with started(child, f"{gateway_url}/healthz") as gateway:
         admin = provision.Admin(gateway_url, admin_key)
@@ -669,6 +674,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         metavar="DIR",
         help="run the gateway from the checkout in DIR (e.g. a git worktree of another commit)",
+    )
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep residency in this Redis (e.g. redis://127.0.0.1:6379/0), as replicas do; default in-process",
     )
     p.add_argument(
         "--nice",

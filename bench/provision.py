@@ -37,7 +37,9 @@ def gateway_bin() -> Path:
     return Path(sys.executable).parent / "lora-gateway"
 
 
-def gateway_env(data_dir: Path, admin_key: str, source: Path | None = None) -> dict[str, str]:
+def gateway_env(
+    data_dir: Path, admin_key: str, source: Path | None = None, redis_url: str | None = None
+) -> dict[str, str]:
     """The gateway's environment; `source` runs the `app` package found there (another checkout)."""
     # Drop the caller's GATEWAY_* settings (a Postgres URL, another store): a run uses only its
     # temporary embedded defaults.
@@ -45,6 +47,10 @@ def gateway_env(data_dir: Path, admin_key: str, source: Path | None = None) -> d
     env["GATEWAY_DATA_DIR"] = str(data_dir)
     env["GATEWAY_ADMIN_API_KEY"] = admin_key
     env["PYTHONUNBUFFERED"] = "1"
+    if redis_url:
+        # Residency in Redis, as several replicas run it: the hot path then pays its round trips.
+        env["GATEWAY_REDIS_URL"] = redis_url
+        env["GATEWAY_REDIS_PREFIX"] = f"lgw-bench-{secrets.token_hex(4)}"
     if source is not None:
         # PYTHONPATH is searched before the venv's editable install of this checkout.
         env["PYTHONPATH"] = str(source.resolve())
@@ -55,13 +61,21 @@ def new_admin_key() -> str:
     return secrets.token_hex(16)  # 32 characters
 
 
-def gateway(*, data_dir: Path, admin_key: str, port: int, cpu: str, source: Path | None = None) -> Child:
+def gateway(
+    *,
+    data_dir: Path,
+    admin_key: str,
+    port: int,
+    cpu: str,
+    source: Path | None = None,
+    redis_url: str | None = None,
+) -> Child:
     """Migrate a fresh database; return (not yet started) `lora-gateway serve`, one worker on `cpu`.
 
     The working directory is the data dir, so that a developer's .env in the repository cannot
     point the run at another database.
     """
-    env = gateway_env(data_dir, admin_key, source)
+    env = gateway_env(data_dir, admin_key, source, redis_url)
     binary = str(gateway_bin())
     run_to_end([binary, "migrate"], env=env, cwd=data_dir, timeout_s=120)
     return Child(
