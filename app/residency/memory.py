@@ -72,7 +72,8 @@ class MemoryResidency:
             if adapter not in b.registered:
                 continue
             mine = b.inflight(adapter)
-            if (mine > 0 or len(b.leases) < slots.slots) and (best is None or mine < best[0]):
+            taken = len(b.leases) + len(b.loading)  # loads under way will each need a slot
+            if (mine > 0 or taken < slots.slots) and (best is None or mine < best[0]):
                 best = (mine, b, slots.id)
         if best is None:
             return None

@@ -68,7 +68,8 @@ for i = 4, #ARGV, 2 do
   local b, slots = ARGV[i], tonumber(ARGV[i + 1])
   if redis.call('ZSCORE', P .. 'reg:' .. b, a) then
     local mine = inflight(b, a)
-    if (mine > 0 or active_count(b) < slots) and (best == nil or mine < best_load) then
+    local taken = active_count(b) + redis.call('ZCOUNT', P .. 'load:' .. b, now, '+inf')
+    if (mine > 0 or taken < slots) and (best == nil or mine < best_load) then
       best, best_load = b, mine
     end
   end

@@ -64,8 +64,9 @@ class ResidencyStore(Protocol):
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
-        """Hot path: if the adapter is registered on one of `backends` that has it active or a free slot,
-        pick the one with the fewest of its requests in flight, mark it used now, take a lease; else None."""
+        """Hot path: if the adapter is registered on one of `backends` that has it active or a free slot
+        (one no load under way will take), pick the one with the fewest of its requests in flight, mark
+        it used now, take a lease; else None."""
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         """Take a lease on a registered adapter on one given backend (no slot check); False if not registered."""

@@ -49,6 +49,11 @@ class PlacementPolicy(Protocol):
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision: ...
 
 
+def _slots_taken(b: BackendState) -> int:
+    """GPU slots in use: adapters with requests in flight, plus loads under way (each will need one)."""
+    return b.active + len(b.loading - b.inflight.keys())
+
+
 def _victim(request: Request, b: BackendState) -> str | None:
     """The least recently used adapter there that is idle, not pinned and not being moved; if the tenant
     is at its cap on that backend, it must be one of the tenant's own."""
@@ -76,11 +81,13 @@ def _load_or_evict(request: Request, b: BackendState) -> Decision | None:
 
 class LruPolicy:
     """Keeps each backend's active adapters within its GPU slots and never thrashes:
-    1. live somewhere with room (active there already, or a free slot): the least busy such holder;
-    2. else load where a GPU slot is free, preferring free capacity, else evicting the least recently
+    1. live somewhere with room (active there already, or a slot free that no load under way claims):
+       the least busy such holder;
+    2. being loaded somewhere: wait for that load (single flight, fleet-wide);
+    3. else load where a GPU slot is free, preferring free capacity, else evicting the least recently
        used idle adapter (globally oldest first), so hot adapters stay put;
-    3. else, if it is live somewhere, queue behind the least busy holder (vLLM batches it with the rest);
-    4. else wait for a slot."""
+    4. else wait in the gateway for a slot. Never add an adapter to a backend whose slots are all
+       active: past --max-loras every request there slows down (bench/placement.py measures it)."""
 
     name = "lru"
     prefers_live = True
@@ -88,13 +95,13 @@ class LruPolicy:
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
         a = request.adapter
         holders = [b for b in backends if a in b.registered]
-        roomy = [b for b in holders if a in b.inflight or b.active < b.slots]
+        roomy = [b for b in holders if a in b.inflight or _slots_taken(b) < b.slots]
         if roomy:
             return Decision(Action.USE, min(roomy, key=lambda b: (b.inflight.get(a, 0), b.active)).id)
         if any(a in b.loading for b in backends):
             return WAIT  # single flight: a load of it is under way; never start a second copy meanwhile
         # Not live with room: load where a GPU slot is free (loads under way will take theirs).
-        free_slot = [b for b in backends if b.active + len(b.loading - b.inflight.keys()) < b.slots]
+        free_slot = [b for b in backends if _slots_taken(b) < b.slots]
         options: list[tuple[tuple[int, float, int], Decision]] = []
         for b in free_slot:
             d = _load_or_evict(request, b)
@@ -105,8 +112,6 @@ class LruPolicy:
             options.append(((1 if d.evict else 0, age, b.active), d))
         if options:
             return min(options, key=lambda o: o[0])[1]
-        if holders:
-            return Decision(Action.USE, min(holders, key=lambda b: (b.inflight.get(a, 0), b.active)).id)
         return WAIT
 
 

@@ -85,6 +85,15 @@ class TestHotPath:
         assert await store.touch(POOL, "c", "l", [B1]) == "b1"
         del lb
 
+    async def test_touch_counts_loads_under_way_as_taken_slots(self, store: ResidencyStore) -> None:
+        la = await load(store, B1, "a")
+        await store.release(POOL, "b1", "c", await load(store, B1, "c"))
+        assert (await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+        # Slot 1: a (in flight); slot 2: claimed by d's load. Idle c has no room.
+        assert await store.touch(POOL, "c", "l", [B1]) is None
+        await store.release(POOL, "b1", "a", la)
+        assert await store.touch(POOL, "c", "l", [B1]) == "b1"
+
     async def test_release_is_idempotent_and_counts_per_lease(self, store: ResidencyStore) -> None:
         lease = await load(store, B1, "a")
         assert await store.acquire(POOL, "b1", "a", "second")

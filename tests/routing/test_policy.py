@@ -77,9 +77,14 @@ class TestLru:
         idle = backend("b2", slots=2, capacity=2, registered={"c": 1.0, "d": 2.0})
         assert self.policy.decide(REQ, [busy, idle]) == Decision(Action.LOAD, "b2", evict="c")
 
-    def test_live_but_slots_full_joins_the_holder_when_nothing_else_fits(self) -> None:
+    def test_live_but_slots_full_waits_rather_than_overfill(self) -> None:
         b1 = backend("b1", slots=2, registered={"x": 1.0, "a": 2.0, "b": 3.0}, inflight={"a": 1, "b": 1})
-        assert self.policy.decide(REQ, [b1]) == Decision(Action.USE, "b1")
+        assert self.policy.decide(REQ, [b1]).action is Action.WAIT
+
+    def test_a_load_under_way_holds_its_slot(self) -> None:
+        # One slot active, one claimed by a load: an idle registered adapter may not take it.
+        b1 = backend("b1", slots=2, registered={"x": 1.0, "a": 2.0}, inflight={"a": 1}, loading={"c"})
+        assert self.policy.decide(REQ, [b1]).action is Action.WAIT
 
     def test_waits_for_a_load_under_way(self) -> None:
         b1 = backend("b1", loading={"x"})
