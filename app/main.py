@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
             if settings.BACKEND_ADAPTER_ROOT == str(settings.store_root)
             else None,
             wait_timeout_s=settings.PLACEMENT_WAIT_S,
+            patience_s=settings.PLACEMENT_PATIENCE_S,
         )
         data_path = DataPath(cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES)
         reconciler = Reconciler(

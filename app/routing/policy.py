@@ -38,6 +38,9 @@ class Request:
     tenant: str
     pinned: frozenset[str] = frozenset()  # adapters that must never be evicted
     tenant_cap: int | None = None  # most adapters this tenant may hold on one backend
+    # Set once the request has waited its patience out: then it may go where every GPU slot is active
+    # (slower for that backend, but no request starves behind adapters that stay busy).
+    overfill: bool = False
 
 
 class PlacementPolicy(Protocol):
@@ -87,7 +90,8 @@ class LruPolicy:
     3. else load where a GPU slot is free, preferring free capacity, else evicting the least recently
        used idle adapter (globally oldest first), so hot adapters stay put;
     4. else wait in the gateway for a slot. Never add an adapter to a backend whose slots are all
-       active: past --max-loras every request there slows down (bench/placement.py measures it)."""
+       active (past --max-loras every request there slows down: bench/placement.py measures it),
+       unless the request has waited its patience out (`overfill`), so none starves."""
 
     name = "lru"
     prefers_live = True
@@ -95,13 +99,13 @@ class LruPolicy:
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
         a = request.adapter
         holders = [b for b in backends if a in b.registered]
-        roomy = [b for b in holders if a in b.inflight or _slots_taken(b) < b.slots]
+        roomy = [b for b in holders if a in b.inflight or _slots_taken(b) < b.slots or request.overfill]
         if roomy:
             return Decision(Action.USE, min(roomy, key=lambda b: (b.inflight.get(a, 0), b.active)).id)
         if any(a in b.loading for b in backends):
             return WAIT  # single flight: a load of it is under way; never start a second copy meanwhile
         # Not live with room: load where a GPU slot is free (loads under way will take theirs).
-        free_slot = [b for b in backends if _slots_taken(b) < b.slots]
+        free_slot = [b for b in backends if _slots_taken(b) < b.slots or request.overfill]
         options: list[tuple[tuple[int, float, int], Decision]] = []
         for b in free_slot:
             d = _load_or_evict(request, b)

@@ -6,6 +6,7 @@ for it to register the adapter."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -44,6 +45,7 @@ class Router:
         adapter_root: str,
         local_store: Path | None = None,
         wait_timeout_s: float = 30.0,
+        patience_s: float = 2.0,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -53,6 +55,7 @@ class Router:
         # vLLM server asked to load a folder that is not there can take its engine down with it.
         self._local_store = local_store
         self.wait_timeout_s = wait_timeout_s
+        self.patience_s = patience_s
         self._rr = itertools.count()
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
@@ -106,9 +109,12 @@ class Router:
         name = adapter.served_name
         all_slots = slots
         request = Request(name, str(adapter.tenant_id), pinned, tenant_cap)
-        deadline = time.monotonic() + self.wait_timeout_s
+        started = time.monotonic()
+        deadline = started + self.wait_timeout_s
         pause = 0.01
         while True:
+            if not request.overfill and time.monotonic() - started > self.patience_s:
+                request = dataclasses.replace(request, overfill=True)
             # A backend found down meanwhile drops out of the choice (unless it is the only one left).
             slots = [s for s in all_slots if s.id not in self.unhealthy] or all_slots
             snapshot = await self.store.snapshot(pool, slots)

@@ -80,6 +80,11 @@ class TestLru:
     def test_live_but_slots_full_waits_rather_than_overfill(self) -> None:
         b1 = backend("b1", slots=2, registered={"x": 1.0, "a": 2.0, "b": 3.0}, inflight={"a": 1, "b": 1})
         assert self.policy.decide(REQ, [b1]).action is Action.WAIT
+        # Once it has waited its patience out, it may go there rather than starve.
+        assert self.policy.decide(Request("x", "t1", overfill=True), [b1]) == Decision(Action.USE, "b1")
+        cold = backend("b2", slots=2, registered={"a": 2.0, "b": 3.0, "c": 1.0}, inflight={"a": 1, "b": 1})
+        overfill = Request("x", "t1", overfill=True)
+        assert self.policy.decide(overfill, [cold]) == Decision(Action.LOAD, "b2", evict="c")
 
     def test_a_load_under_way_holds_its_slot(self) -> None:
         # One slot active, one claimed by a load: an idle registered adapter may not take it.

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -110,9 +111,16 @@ class DataPath:
                 f"no backend serves base model '{target.base_model.name}' right now",
                 headers={"Retry-After": "5"},
             )
-        upstream, lease = await _unless_disconnected(
-            request, self._send(backends, tenant, target, route, payload)
-        )
+        try:
+            upstream, lease = await _unless_disconnected(
+                request, self._send(backends, tenant, target, route, payload)
+            )
+        except (RedisError, TimeoutError) as exc:
+            # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
+            log.warning("residency store failed: %s", type(exc).__name__)
+            raise ServiceUnavailable(
+                "the gateway's residency store is unavailable; retry", headers={"Retry-After": "1"}
+            ) from exc
         done = _Releaser(self.router, lease)
         rewrite = _Rewriter(target)
         content_type = upstream.headers.get("Content-Type", _JSON)
