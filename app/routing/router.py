@@ -65,10 +65,10 @@ class Router:
     def adapter_path(self, adapter: AdapterView) -> str:
         return str(self._adapter_root / adapter.storage_path)
 
-    def _usable(self, backends: tuple[BackendView, ...]) -> tuple[BackendView, ...]:
+    def _usable(self, backends: tuple[BackendView, ...], avoid: frozenset[str]) -> tuple[BackendView, ...]:
         # Unhealthy backends are avoided, not banned: if nothing else is left, trying them beats a 503
         # (a restarted backend answers before the next health check notices).
-        healthy = tuple(b for b in backends if str(b.id) not in self.unhealthy)
+        healthy = tuple(b for b in backends if str(b.id) not in self.unhealthy and str(b.id) not in avoid)
         return healthy or backends
 
     def answered(self, backend: BackendView) -> None:
@@ -82,8 +82,9 @@ class Router:
         *,
         pinned: frozenset[str] = frozenset(),
         tenant_cap: int | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> Lease:
-        backends = self._usable(backends)
+        backends = self._usable(backends, avoid)
         lease_id = uuid.uuid4().hex
         if adapter is None:
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
@@ -190,6 +191,11 @@ class Router:
         await self.store.forget(lease.pool, str(lease.backend.id), lease.adapter)
         if self.on_trouble is not None:
             self.on_trouble(lease.backend)
+
+    def suspect(self, backend: BackendView) -> None:
+        """It failed a request (a 5xx): have the reconciler check its health now."""
+        if self.on_trouble is not None:
+            self.on_trouble(backend)
 
     async def mark_down(self, backend: BackendView) -> None:
         """No traffic to it until it answers a health check; what it held is placed elsewhere."""

@@ -251,7 +251,7 @@ def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
     five churn through the remaining places: vLLM's log must show evictions, never of that adapter."""
     held = "globex/a1"
     served = _served_name(stack, held)
-    marks = [len(_events(s)) for s in stack.backends]
+    marks: list[int] = []
     long_body = {
         "model": "a1",
         "messages": MSG,
@@ -278,7 +278,8 @@ def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
                 return n
 
             keepers = [asyncio.create_task(keeper(0, 0.0)), asyncio.create_task(keeper(1, 0.8))]
-            await asyncio.sleep(1.5)  # both keepers in flight
+            await asyncio.sleep(1.5)  # both keepers in flight: from now on it must stay
+            marks.extend(len(_events(s)) for s in stack.backends)
             others = [a for a in stack.adapters if a != held]
             for round_ in range(3):
                 churn = await asyncio.gather(

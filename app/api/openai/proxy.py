@@ -137,9 +137,14 @@ class DataPath:
         payload: bytes,
     ) -> tuple[aiohttp.ClientResponse, Lease]:
         pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
+        avoid: frozenset[str] = frozenset()
         for attempt in (1, 2):
             lease = await self.router.route(
-                backends, target.adapter, pinned=pinned, tenant_cap=tenant.max_adapters_per_backend
+                backends,
+                target.adapter,
+                pinned=pinned,
+                tenant_cap=tenant.max_adapters_per_backend,
+                avoid=avoid,
             )
             try:
                 resp = await self.client.post(lease.backend.url + route, payload, backend=lease.backend.name)
@@ -163,6 +168,13 @@ class DataPath:
                 await asyncio.shield(self.router.release(lease))
                 raise
             err = parse_error(resp.status, body)
+            if err.status >= 500 and attempt == 1 and len(backends) > 1:
+                # The engine failed (dying, crashed) before answering anything: once, on another backend.
+                log.warning("backend %s answered %s; retrying elsewhere", lease.backend.name, err.status)
+                await self.router.release(lease)
+                self.router.suspect(lease.backend)
+                avoid = frozenset({str(lease.backend.id)})
+                continue
             if target.adapter is not None and is_unknown_model(err) and attempt == 1:
                 # The backend lost the adapter (restart, manual unload): place it again and retry once;
                 # nothing has been sent to the client yet.
