@@ -99,6 +99,8 @@ class VllmClient:
         """Sends a JSON request; the caller reads (and releases) the response."""
         try:
             return await self.session.post(url, data=body, headers={"Content-Type": "application/json"})
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnavailable(f"backend {backend} is unreachable", never_reached=True) from exc
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
             raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
 

@@ -134,8 +134,9 @@ class MemoryResidency:
             if victim not in b.registered or b.inflight(victim) > 0:
                 return Reservation(Outcome.FULL)
             victim_tenant = b.tenants.get(victim)
-        occupied = len(b.registered) + len(b.loading) - (1 if victim else 0)
-        if occupied >= backend.capacity:
+        # A swap (with a victim) never raises occupancy, so it is allowed even above capacity (a backend
+        # can end up there when the state was lost and rebuilt from what the backend reports).
+        if victim is None and len(b.registered) + len(b.loading) >= backend.capacity:
             return Reservation(Outcome.FULL)
         if tenant_cap is not None:
             held = sum(1 for a, t in b.tenants.items() if t == tenant)

@@ -143,9 +143,9 @@ if victim ~= '' then
   if not redis.call('ZSCORE', reg, victim) or inflight(b, victim) > 0 then return {'full', 0} end
   victim_tenant = redis.call('HGET', ten, victim)
 end
-local occupied = redis.call('ZCARD', reg) + redis.call('ZCARD', load)
-if victim ~= '' then occupied = occupied - 1 end
-if occupied >= capacity then return {'full', 0} end
+-- A swap (with a victim) never raises occupancy, so it is allowed even above capacity (a backend can
+-- end up there when the state was lost and rebuilt from what the backend reports).
+if victim == '' and redis.call('ZCARD', reg) + redis.call('ZCARD', load) >= capacity then return {'full', 0} end
 if cap >= 0 then
   local held = 0
   local flat = redis.call('HGETALL', ten)

@@ -136,6 +136,12 @@ class TestLruAndEviction:
         await store.evicted(POOL, "b1", "a")
         assert (await state(store)).evicting == set()
 
+    async def test_swap_allowed_above_capacity(self, store: ResidencyStore) -> None:
+        # Rebuilt from a backend that holds more than its capacity (say, after Redis lost everything).
+        await store.reconcile(POOL, "b1", {"a", "b", "c", "d"}, known_before=set())
+        assert (await store.reserve(POOL, B1, "e", "t1", victim=None, tenant_cap=None)).outcome is Outcome.FULL
+        assert (await store.reserve(POOL, B1, "e", "t1", victim="a", tenant_cap=None)).outcome is Outcome.OK
+
     async def test_inflight_adapter_is_never_evicted(self, store: ResidencyStore) -> None:
         busy = await load(store, B1, "a")
         for a in ("b", "c"):
