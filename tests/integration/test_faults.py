@@ -25,12 +25,12 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.vllm
 
-# 4 x 1000 tokens: seconds of generation here, far longer than a disconnect takes to reach vLLM even
+# 8 x 1000 tokens: about 3 s of generation here, far longer than a disconnect takes to reach vLLM even
 # on a busy machine.
 LONG = {
     "messages": [{"role": "user", "content": "Hello!"}],
     "max_tokens": 1000,
-    "n": 4,
+    "n": 8,
     "ignore_eos": True,
     "temperature": 1.0,  # vLLM refuses n > 1 with greedy sampling
 }
