@@ -20,6 +20,8 @@ from typing import IO, Self
 
 import httpx
 
+from app.backends.launcher import group_members, signal_group
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -170,24 +172,6 @@ def run_to_end(
     if process.returncode != 0:
         raise ProcessError(f"{argv[0]} exited with status {process.returncode}:\n{text[-3000:]}")
     return text
-
-
-def signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            if int(pgrp) == pgid and state != "Z":
-                members.append(int(entry.name))
-    return members
 
 
 def group_cpu_seconds(pgid: int) -> float:

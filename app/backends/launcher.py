@@ -193,13 +193,13 @@ class VllmCpuServer:
         if process is not None:
             pgid = process.pid  # start_new_session made the server its group's leader
             deadline = time.monotonic() + self.config.stop_timeout_s
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=self.config.stop_timeout_s)
             # The group outlives its leader: the engine and worker may need a moment more, or hang.
-            while _group_members(pgid) and time.monotonic() < deadline:
+            while group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
             process.wait()
         if self._log_file is not None:
             self._log_file.close()
@@ -216,7 +216,7 @@ class VllmCpuServer:
         if self._process is None:
             return 0
         total = 0
-        for pid in _group_members(self._process.pid):
+        for pid in group_members(self._process.pid):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
@@ -273,12 +273,12 @@ def _probe(get: Callable[[], httpx.Response]) -> int | None:
         return None
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of a process group, from /proc.
 
     os.killpg(pgid, 0) would also count zombies, and orphans of the group may stay zombies for

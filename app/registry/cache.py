@@ -5,6 +5,7 @@ effect within the TTL; changes made through this process invalidate at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
@@ -17,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import Adapter, AdapterState, ApiKey, Backend, BackendKind, BackendState, BaseModel, Tenant
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView, TenantView
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -230,7 +233,5 @@ class RegistryCache:
             await asyncio.sleep(self._usage_flush_interval)
             try:
                 await self.flush_key_usage()
-            except Exception:
-                import logging
-
-                logging.getLogger(__name__).exception("could not record API key usage")
+            except Exception:  # a DB hiccup must not end the loop; the next round retries
+                log.exception("could not record API key usage")

@@ -109,15 +109,6 @@ async def revoke_key(session: AsyncSession, *, tenant: Tenant, key_id: str) -> A
     return key
 
 
-async def tenant_for_key(session: AsyncSession, secret: str) -> Tenant | None:
-    stmt = (
-        select(Tenant)
-        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == security.hash_api_key(secret), ApiKey.revoked_at.is_(None))
-    )
-    return await session.scalar(stmt)
-
-
 # --- base models -----------------------------------------------------------------------------------------
 
 

@@ -112,8 +112,8 @@ class DataPath:
                 headers={"Retry-After": "5"},
             )
         try:
-            upstream, lease = await _unless_disconnected(
-                request, self._send(backends, tenant, target, route, payload)
+            upstream, lease = await _unless_gone(
+                request.receive, self._send(backends, tenant, target, route, payload)
             )
         except (RedisError, TimeoutError) as exc:
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
@@ -196,10 +196,6 @@ class _Releaser:
 
     async def __call__(self) -> None:
         await asyncio.shield(self.router.release(self.lease))
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    return await _unless_gone(request.receive, work)
 
 
 async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T:
