@@ -73,7 +73,7 @@ class TinyLlamaSpec:
     num_hidden_layers: int = 2
     intermediate_size: int = 256
     vocab_size: int = 512
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 4096
     # Wider than Llama's 0.02 so logits are well spread: greedy choices then do not hinge on
     # rounding differences between vLLM's and transformers' kernels.
     initializer_range: float = 0.1
@@ -89,7 +89,7 @@ class TinyModel:
 
 
 def build_tokenizer(
-    out_dir: Path, *, vocab_size: int = 512, model_max_length: int = 1024
+    out_dir: Path, *, vocab_size: int = 512, model_max_length: int = 4096
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the built-in corpus and save it as a fast tokenizer."""
     tok = Tokenizer(models.BPE())

@@ -65,7 +65,7 @@ def start_vllm(tiny, log: Path, port: int = 0) -> VllmCpuServer:  # type: ignore
         max_loras=4,
         max_lora_rank=8,
         max_cpu_loras=8,
-        max_model_len=1024,  # the tiny model's limit: room for the long generations the disconnect tests abort
+        max_model_len=4096,  # the tiny model's limit: room for the long generations the disconnect tests abort
         kv_cache_bytes=64 << 20,
         log_path=log,
     )
