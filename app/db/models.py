@@ -114,6 +114,9 @@ class Backend(IdMixin, CreatedMixin, Base):
     max_lora_rank: Mapped[int] = mapped_column(Integer)
     # How many adapters may be registered on it at once (keep <= its --max-cpu-loras).
     capacity: Mapped[int] = mapped_column(Integer)
+    # Requests it runs in one batch (vLLM's --max-num-seqs, or the operator's target concurrency); placement
+    # sends no more than this many at once. None: unknown, no such limit.
+    max_num_seqs: Mapped[int | None] = mapped_column(Integer)
     kind: Mapped[BackendKind] = mapped_column(_enum(BackendKind), default=BackendKind.SHARED)
     state: Mapped[BackendState] = mapped_column(_enum(BackendState), default=BackendState.ACTIVE)
 

@@ -71,6 +71,7 @@ def backend_view(b: Backend) -> BackendView:
         base_model_id=b.base_model_id,
         gpu_slots=b.gpu_slots,
         capacity=b.capacity,
+        max_num_seqs=b.max_num_seqs,
     )
 
 

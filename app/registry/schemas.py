@@ -89,6 +89,12 @@ class BaseModelRead(_Read):
     created_at: datetime
 
 
+_MAX_NUM_SEQS = (
+    "Requests it runs in one batch (vLLM --max-num-seqs, or a target concurrency); placement sends it no "
+    "more at once. Unset: no such limit"
+)
+
+
 class BackendCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Slug
@@ -97,6 +103,7 @@ class BackendCreate(BaseModel):
     gpu_slots: int = Field(ge=1, le=1024, description="vLLM --max-loras")
     max_lora_rank: int = Field(16, ge=1, le=1024, description="vLLM --max-lora-rank")
     capacity: int | None = Field(None, ge=1, description="Adapters registered at once; default = gpu_slots")
+    max_num_seqs: int | None = Field(None, ge=1, description=_MAX_NUM_SEQS)
     kind: BackendKind = BackendKind.SHARED
 
     @model_validator(mode="after")
@@ -112,6 +119,7 @@ class BackendUpdate(BaseModel):
     gpu_slots: int | None = Field(None, ge=1, le=1024)
     max_lora_rank: int | None = Field(None, ge=1, le=1024)
     capacity: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1, description=_MAX_NUM_SEQS + "; null clears it")
 
 
 class BackendRead(_Read):
@@ -122,6 +130,7 @@ class BackendRead(_Read):
     gpu_slots: int
     max_lora_rank: int
     capacity: int
+    max_num_seqs: int | None
     kind: BackendKind
     state: BackendState
     created_at: datetime

@@ -221,6 +221,7 @@ async def create_backend(session: AsyncSession, *, data: schemas.BackendCreate) 
         gpu_slots=data.gpu_slots,
         max_lora_rank=data.max_lora_rank,
         capacity=data.capacity or data.gpu_slots,
+        max_num_seqs=data.max_num_seqs,
         kind=data.kind,
     )
     session.add(backend)
@@ -232,8 +233,9 @@ async def update_backend(
     session: AsyncSession, *, ref: str, data: schemas.BackendUpdate
 ) -> tuple[Backend, BaseModel]:
     backend, model = await get_backend(session, ref)
-    for field, value in data.model_dump(exclude_unset=True, exclude_none=True).items():
-        setattr(backend, field, value)
+    for field, value in data.model_dump(exclude_unset=True).items():
+        if value is not None or field == "max_num_seqs":  # the one field null clears
+            setattr(backend, field, value)
     if backend.capacity < backend.gpu_slots:
         raise InvalidRequest("capacity must be >= gpu_slots", param="capacity")
     await session.commit()

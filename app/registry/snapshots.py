@@ -47,3 +47,4 @@ class BackendView:
     base_model_id: uuid.UUID
     gpu_slots: int
     capacity: int
+    max_num_seqs: int | None = None

@@ -120,6 +120,21 @@ class TestBackends:
         await registry.base_model(admin)
         assert (await registry.backend(admin))["capacity"] == 4
 
+    async def test_max_num_seqs_is_optional_and_updatable(self, admin: httpx.AsyncClient) -> None:
+        await registry.base_model(admin)
+        assert (await registry.backend(admin, "b1"))["max_num_seqs"] is None
+        assert (await registry.backend(admin, "b2", max_num_seqs=64))["max_num_seqs"] == 64
+        resp = await admin.patch("/admin/v1/backends/b1", json={"max_num_seqs": 32})
+        assert (resp.status_code, resp.json()["max_num_seqs"]) == (200, 32)
+        # Other updates leave it alone; an explicit null clears it (unknown: no seat limit).
+        resp = await admin.patch("/admin/v1/backends/b1", json={"state": "draining"})
+        assert resp.json()["max_num_seqs"] == 32
+        resp = await admin.patch("/admin/v1/backends/b1", json={"max_num_seqs": None})
+        assert (resp.status_code, resp.json()["max_num_seqs"]) == (200, None)
+        assert (await admin.get("/admin/v1/backends/b1")).json()["max_num_seqs"] is None
+        assert_envelope(await admin.patch("/admin/v1/backends/b2", json={"max_num_seqs": 0}), 400)
+        assert (await admin.get("/admin/v1/backends/b2")).json()["max_num_seqs"] == 64
+
     async def test_unknown_base_model_is_404(self, admin: httpx.AsyncClient) -> None:
         body = {"name": "b1", "url": "http://x:8000", "base_model": "nope", "gpu_slots": 4}
         assert_envelope(await admin.post("/admin/v1/backends", json=body), 404, "not_found")
@@ -131,6 +146,8 @@ class TestBackends:
             {"url": "not a url"},
             {"gpu_slots": 0},
             {"gpu_slots": 8, "capacity": 4},
+            {"max_num_seqs": 0},
+            {"max_num_seqs": "many"},
             {"kind": "weird"},
             {"name": "B 1"},
         ],
