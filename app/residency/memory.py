@@ -66,15 +66,17 @@ class MemoryResidency:
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
         now = self._clock()
-        best: tuple[int, _Backend, str] | None = None
+        best: tuple[tuple[bool, int], _Backend, str] | None = None
         for slots in backends:
             b = self._b(pool, slots.id)
             if adapter not in b.registered:
                 continue
             mine = b.inflight(adapter)
+            requests = sum(len(ls) for ls in b.leases.values())
             taken = len(b.leases) + len(b.loading)  # loads under way will each need a slot
-            if (mine > 0 or taken < slots.slots) and (best is None or mine < best[0]):
-                best = (mine, b, slots.id)
+            key = (mine == 0, requests)  # where it is active already, then the least busy
+            if slots.has_room(mine=mine, requests=requests, taken=taken) and (best is None or key < best[0]):
+                best = (key, b, slots.id)
         if best is None:
             return None
         self._lease(best[1], adapter, lease, now)
@@ -104,6 +106,7 @@ class MemoryResidency:
                     id=slots.id,
                     slots=slots.slots,
                     capacity=slots.capacity,
+                    seats=slots.seats,
                     registered=dict(b.registered),
                     inflight={a: len(ls) for a, ls in b.leases.items() if ls},
                     tenants=dict(b.tenants),

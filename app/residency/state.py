@@ -10,11 +10,24 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class BackendSlots:
-    """What a backend offers: `slots` adapters active at once (--max-loras), `capacity` registered."""
+    """What a backend offers: `slots` adapters active at once (--max-loras), `capacity` registered, `seats`
+    requests in one batch (--max-num-seqs; None: unknown, no limit). `target`: the active adapters the
+    placement policy aims for on it (at most `slots`; None: `slots`)."""
 
     id: str
     slots: int
     capacity: int
+    seats: int | None = None
+    target: int | None = None
+
+    def has_room(self, *, mine: int, requests: int, taken: int) -> bool:
+        """The hot path's rule (`touch`, and LruPolicy's steps 1 and 2): a holder of the adapter with
+        `mine` of its requests in flight, `requests` in flight in all and `taken` GPU slots in use (active
+        adapters plus loads under way) may take one more request of it: a seat is free, and the adapter
+        is active there already or an idle one may still be activated (`taken` below the target)."""
+        if self.seats is not None and requests >= self.seats:
+            return False
+        return mine > 0 or taken < (self.slots if self.target is None else min(self.target, self.slots))
 
 
 @dataclass(slots=True)
@@ -24,6 +37,7 @@ class BackendState:
     id: str
     slots: int
     capacity: int
+    seats: int | None = None  # requests in one batch (--max-num-seqs); None: unknown
     registered: dict[str, float] = field(default_factory=dict)  # adapter -> last use (unix seconds)
     inflight: dict[str, int] = field(default_factory=dict)  # adapter -> requests in flight (> 0 only)
     tenants: dict[str, str] = field(default_factory=dict)  # adapter -> tenant, for registered and loading
@@ -37,6 +51,15 @@ class BackendState:
     @property
     def active(self) -> int:
         return len(self.inflight)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.inflight.values())
+
+    @property
+    def slots_taken(self) -> int:
+        """GPU slots in use: adapters with requests in flight, plus loads under way (each will need one)."""
+        return self.active + len(self.loading - self.inflight.keys())
 
     def tenant_count(self, tenant: str) -> int:
         return sum(
@@ -64,9 +87,9 @@ class ResidencyStore(Protocol):
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
-        """Hot path: if the adapter is registered on one of `backends` that has it active or a free slot
-        (one no load under way will take), pick the one with the fewest of its requests in flight, mark
-        it used now, take a lease; else None."""
+        """Hot path: among the backends where the adapter is registered and `BackendSlots.has_room`
+        holds, pick one where it is active already, then the one with the fewest requests in flight (the
+        first in order on ties); mark it used now and take a lease. None if there is none."""
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         """Take a lease on a registered adapter on one given backend (no slot check); False if not registered."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Protocol
 
 from app.residency.state import BackendState
@@ -49,12 +51,11 @@ class PlacementPolicy(Protocol):
     # hot path). Baselines set it False: they route without looking at residency.
     prefers_live: bool
 
+    def target(self, slots: int) -> int:
+        """Active adapters it aims for on a backend with `slots` GPU slots (what `touch` admits)."""
+        ...
+
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision: ...
-
-
-def _slots_taken(b: BackendState) -> int:
-    """GPU slots in use: adapters with requests in flight, plus loads under way (each will need one)."""
-    return b.active + len(b.loading - b.inflight.keys())
 
 
 def _victim(request: Request, b: BackendState) -> str | None:
@@ -83,37 +84,62 @@ def _load_or_evict(request: Request, b: BackendState) -> Decision | None:
 
 
 class LruPolicy:
-    """Keeps each backend's active adapters within its GPU slots and never thrashes:
-    1. live somewhere with room (active there already, or a slot free that no load under way claims):
-       the least busy such holder;
-    2. being loaded somewhere: wait for that load (single flight, fleet-wide);
-    3. else load where a GPU slot is free, preferring free capacity, else evicting the least recently
-       used idle adapter (globally oldest first), so hot adapters stay put;
-    4. else wait in the gateway for a slot. Never add an adapter to a backend whose slots are all
-       active (past --max-loras every request there slows down: bench/placement.py measures it),
-       unless the request has waited its patience out (`overfill`), so none starves."""
+    """Keeps each backend near its target T of active adapters and its batches full, and never thrashes.
+    C is a backend's batch size (`seats`, vLLM's --max-num-seqs; unknown: no seat rule); T is
+    `target(slots)`, by default 5 of 8 GPU slots (bench/PLACEMENT.md: up to half the slots active cost
+    ~2% of throughput, all 8 cost 19%); "room" on a backend is fewer than C requests in flight and fewer
+    than T slots taken (active adapters plus loads under way):
+    1. active on a backend with fewer than C requests: USE it there (the backend with the fewest);
+    2. registered, idle, on a backend with room: USE it there (activating a registered adapter is free);
+    3. being loaded anywhere: WAIT for that load (single flight, fleet-wide);
+    4. registered somewhere but active nowhere: WAIT for room at one of its holders ("home") rather than
+       load a copy elsewhere (a load stops a backend's decoding for ~90 ms; room frees within a request);
+    5. LOAD on a backend with room: free capacity first, else evicting the least recently used idle
+       adapter (globally oldest first; pins and the tenant's cap honoured), then the fewest requests.
+       This is also how an adapter whose holders' batches are all full gets a second copy;
+    6. else WAIT in the gateway: a request is never queued inside a full backend nor adds an adapter
+       beyond T, so it goes to whichever backend has room first ("late binding").
+    A request that has waited its patience out (`overfill`) ignores C and T (and GPU slots), so none
+    starves: it goes to a holder (the fewest requests), else loads wherever capacity or a victim allows.
+    Steps 1 and 2 are `BackendSlots.has_room`, the residency store's `touch` (`prefers_live`)."""
 
     name = "lru"
     prefers_live = True
 
+    def __init__(self, target_share: float = 5 / 8) -> None:
+        self.target_share = target_share
+
+    def target(self, slots: int) -> int:
+        return max(1, min(slots, math.ceil(slots * self.target_share)))
+
+    def _seat(self, request: Request, b: BackendState) -> bool:
+        return request.overfill or b.seats is None or b.requests < b.seats
+
+    def _room(self, request: Request, b: BackendState) -> bool:
+        return request.overfill or (self._seat(request, b) and b.slots_taken < self.target(b.slots))
+
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
         a = request.adapter
-        holders = [b for b in backends if a in b.registered]
-        roomy = [b for b in holders if a in b.inflight or _slots_taken(b) < b.slots or request.overfill]
-        if roomy:
-            return Decision(Action.USE, min(roomy, key=lambda b: (b.inflight.get(a, 0), b.active)).id)
+        live = [b for b in backends if a in b.inflight]
+        seated = [b for b in live if self._seat(request, b)]
+        if seated:
+            return Decision(Action.USE, min(seated, key=attrgetter("requests")).id)
+        room = [b for b in backends if self._room(request, b)]
+        idle = [b for b in room if a in b.registered]
+        if idle:
+            return Decision(Action.USE, min(idle, key=attrgetter("requests")).id)
         if any(a in b.loading for b in backends):
             return WAIT  # single flight: a load of it is under way; never start a second copy meanwhile
-        # Not live with room: load where a GPU slot is free (loads under way will take theirs).
-        free_slot = [b for b in backends if _slots_taken(b) < b.slots or request.overfill]
+        if not live and any(a in b.registered for b in backends):
+            return WAIT  # at home: room frees there within a request's time
         options: list[tuple[tuple[int, float, int], Decision]] = []
-        for b in free_slot:
+        for b in room:
             d = _load_or_evict(request, b)
             if d is None:
                 continue
             # No eviction beats eviction; among evictions the globally least recently used victim goes.
             age = b.registered[d.evict] if d.evict else float("-inf")
-            options.append(((1 if d.evict else 0, age, b.active), d))
+            options.append(((1 if d.evict else 0, age, b.requests), d))
         if options:
             return min(options, key=lambda o: o[0])[1]
         return WAIT
@@ -127,6 +153,9 @@ class RoundRobinPolicy:
 
     def __init__(self) -> None:
         self._turn = itertools.count()
+
+    def target(self, slots: int) -> int:
+        return slots
 
     def _pick(self, backends: Sequence[BackendState]) -> int:
         return next(self._turn) % len(backends)

@@ -59,7 +59,7 @@ class Reconciler:
 
     async def reconcile(self, backend: BackendView) -> None:
         key, pool = str(backend.id), str(backend.base_model_id)
-        slots = BackendSlots(key, backend.gpu_slots, backend.capacity)
+        slots = BackendSlots(key, backend.gpu_slots, backend.capacity, backend.max_num_seqs)
         known_before = set((await self.router.store.snapshot(pool, [slots]))[0].registered)
         try:
             models = await self.router.client.list_models(backend.url, backend=backend.name)

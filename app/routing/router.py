@@ -90,7 +90,10 @@ class Router:
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
         pool, name = str(adapter.base_model.id), adapter.served_name
         by_id = {str(b.id): b for b in backends}
-        slots = [BackendSlots(str(b.id), b.gpu_slots, b.capacity) for b in backends]
+        slots = [
+            BackendSlots(str(b.id), b.gpu_slots, b.capacity, b.max_num_seqs, self.policy.target(b.gpu_slots))
+            for b in backends
+        ]
         if self.policy.prefers_live:
             got = await self.store.touch(pool, name, lease_id, slots)
             if got is not None:

@@ -63,16 +63,52 @@ class TestHotPath:
         assert (await state(store)).inflight == {"a": 1}
 
     async def test_touch_spreads_over_holders_by_inflight(self, store: ResidencyStore) -> None:
-        l1 = await load(store, B1, "a")
-        l2 = await load(store, B2, "a")
+        await load(store, B1, "a")
+        await load(store, B2, "a")
         # b1 and b2 each have one request in flight; the next two go one to each.
         got = [await store.touch(POOL, "a", f"x{i}", [B1, B2]) for i in range(2)]
         assert sorted(got) == ["b1", "b2"]  # type: ignore[type-var]
-        await store.release(POOL, "b1", "a", l1)
-        await store.release(POOL, "b1", "a", "x0")
-        await store.release(POOL, "b1", "a", "x1")
-        assert await store.touch(POOL, "a", "y", [B1, B2]) == "b1"
-        del l2
+
+    async def test_touch_joins_the_least_busy_active_holder(self, store: ResidencyStore) -> None:
+        # Busy counts every request on the backend, not only this adapter's.
+        await load(store, B1, "a")
+        await load(store, B1, "b")
+        assert await store.acquire(POOL, "b1", "b", "b2nd")
+        await load(store, B2, "a")
+        assert await store.acquire(POOL, "b2", "a", "a2nd")
+        assert await store.touch(POOL, "a", "l", [B1, B2]) == "b2"  # 2 requests there, 3 on b1
+
+    async def test_touch_prefers_an_active_holder_to_an_idle_one(self, store: ResidencyStore) -> None:
+        await store.release(POOL, "b1", "a", await load(store, B1, "a"))
+        await load(store, B2, "a")
+        assert await store.acquire(POOL, "b2", "a", "second")
+        # Idle on b1 (a free slot there, no request), active on b2 with two: joining costs no slot.
+        assert await store.touch(POOL, "a", "l", [B1, B2]) == "b2"
+
+    async def test_touch_respects_seats(self, store: ResidencyStore) -> None:
+        b1 = BackendSlots("b1", slots=2, capacity=3, seats=2)
+        await load(store, b1, "a")
+        lb = await load(store, b1, "b")
+        # Two requests in flight fill both seats: not even the active adapter takes one more.
+        assert await store.touch(POOL, "a", "l", [b1]) is None
+        assert await store.touch(POOL, "b", "l", [b1]) is None
+        await store.release(POOL, "b1", "b", lb)
+        assert await store.touch(POOL, "a", "l", [b1]) == "b1"
+        # Unknown seats (None): no seat limit.
+        assert await store.touch(POOL, "a", "l2", [B1]) == "b1"
+
+    async def test_touch_activates_an_idle_adapter_only_below_the_target(self, store: ResidencyStore) -> None:
+        b1 = BackendSlots("b1", slots=2, capacity=3, seats=8, target=1)
+        la = await load(store, b1, "a")
+        await store.release(POOL, "b1", "c", await load(store, b1, "c"))
+        # One active adapter is the target: idle c waits though a GPU slot is free; active a joins.
+        assert await store.touch(POOL, "c", "l", [b1]) is None
+        assert await store.touch(POOL, "a", "l", [b1]) == "b1"
+        await store.release(POOL, "b1", "a", la)
+        await store.release(POOL, "b1", "a", "l")
+        # A load under way counts against the target too.
+        assert (await store.reserve(POOL, b1, "d", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+        assert await store.touch(POOL, "c", "l", [b1]) is None
 
     async def test_touch_respects_gpu_slots(self, store: ResidencyStore) -> None:
         # Two slots: with two other adapters active, a third (registered, idle) adapter has no room.

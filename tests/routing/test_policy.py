@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from app.residency.state import BackendState
 from app.routing.policy import (
     Action,
@@ -19,6 +21,7 @@ def backend(
     *,
     slots: int = 2,
     capacity: int = 3,
+    seats: int | None = None,
     registered: dict[str, float] | None = None,
     inflight: dict[str, int] | None = None,
     loading: set[str] | None = None,
@@ -29,6 +32,7 @@ def backend(
         id=id,
         slots=slots,
         capacity=capacity,
+        seats=seats,
         registered=registered,
         inflight=inflight or {},
         tenants=tenants or dict.fromkeys(registered, "t1"),
@@ -104,6 +108,90 @@ class TestLru:
         capped = Request("x", "t1", tenant_cap=1)
         assert self.policy.decide(capped, [b1]) == Decision(Action.LOAD, "b1", evict="mine")
         assert self.policy.decide(Request("x", "t1"), [b1]) == Decision(Action.LOAD, "b1")
+
+
+class TestLruSeatsAndTarget:
+    """The rules that keep batches full and each backend near its target T of active adapters."""
+
+    policy = LruPolicy()  # T = 5 of 8 slots
+
+    def test_target_derives_from_slots(self) -> None:
+        assert [self.policy.target(s) for s in (1, 2, 4, 8, 16)] == [1, 2, 3, 5, 10]
+        assert LruPolicy(target_share=1.0).target(8) == 8
+        assert RoundRobinPolicy().target(8) == 8
+
+    def test_joins_an_active_adapter_only_where_a_seat_is_free(self) -> None:
+        full = backend("b1", slots=8, seats=4, registered={"x": 1.0}, inflight={"x": 4})
+        roomy = backend("b2", slots=8, seats=8, registered={"x": 1.0}, inflight={"x": 1, "a": 5})
+        assert self.policy.decide(REQ, [full, roomy]) == Decision(Action.USE, "b2")
+        # Unknown seats: no seat rule, the least busy holder.
+        assert self.policy.decide(REQ, [replace(full, seats=None), roomy]) == Decision(Action.USE, "b1")
+
+    def test_prefers_joining_an_active_copy_to_activating_an_idle_one(self) -> None:
+        idle = backend("b1", slots=8, seats=64, registered={"x": 1.0})
+        active = backend("b2", slots=8, seats=64, registered={"x": 1.0}, inflight={"x": 10})
+        assert self.policy.decide(REQ, [idle, active]) == Decision(Action.USE, "b2")
+
+    def test_full_batches_everywhere_wait_in_the_gateway(self) -> None:
+        # Its only holder's batch is full and every other backend's too: WAIT, never queue inside.
+        holder = backend("b1", slots=8, seats=2, capacity=8, registered={"x": 1.0}, inflight={"x": 2})
+        other = backend("b2", slots=8, seats=2, capacity=8, registered={"a": 1.0}, inflight={"a": 2})
+        assert self.policy.decide(REQ, [holder, other]).action is Action.WAIT
+        # A free seat and slot elsewhere: a second copy spreads the hot adapter.
+        spare = backend("b3", slots=8, seats=2, capacity=8)
+        assert self.policy.decide(REQ, [holder, other, spare]) == Decision(Action.LOAD, "b3")
+
+    def test_no_idle_adapter_activated_at_the_target(self) -> None:
+        five = {f"a{i}": 1 for i in range(5)}
+        at_target = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(five, 1.0)},
+                            inflight=five)  # fmt: skip
+        assert self.policy.decide(REQ, [at_target]).action is Action.WAIT
+        # A load under way counts against the target too.
+        four = {f"a{i}": 1 for i in range(4)}
+        loading = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(four, 1.0)},
+                          inflight=four, loading={"c"})  # fmt: skip
+        assert self.policy.decide(REQ, [loading]).action is Action.WAIT
+        below = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(four, 1.0)},
+                        inflight=four)  # fmt: skip
+        assert self.policy.decide(REQ, [below]) == Decision(Action.USE, "b1")
+
+    def test_no_load_beyond_the_target_unless_overfill(self) -> None:
+        five = {f"a{i}": 1 for i in range(5)}
+        b1 = backend("b1", slots=8, capacity=8, registered=dict.fromkeys(five, 1.0), inflight=five)
+        assert self.policy.decide(REQ, [b1]).action is Action.WAIT
+        overfill = Request("x", "t1", overfill=True)
+        assert self.policy.decide(overfill, [b1]) == Decision(Action.LOAD, "b1")
+        # Overfill also ignores a full batch.
+        full = backend("b2", slots=8, seats=1, registered={"x": 1.0}, inflight={"x": 1})
+        assert self.policy.decide(overfill, [full]) == Decision(Action.USE, "b2")
+
+    def test_waits_at_home_rather_than_load_a_copy(self) -> None:
+        five = {f"a{i}": 1 for i in range(5)}
+        home = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(five, 1.0)},
+                       inflight=five)  # fmt: skip
+        empty = backend("b2", slots=8, capacity=8)
+        assert self.policy.decide(REQ, [home, empty]).action is Action.WAIT
+        # Registered nowhere: loaded on the backend with room.
+        assert self.policy.decide(Request("y", "t1"), [home, empty]) == Decision(Action.LOAD, "b2")
+
+    def test_loads_on_the_least_busy_backend_with_room(self) -> None:
+        busy = backend("b1", slots=8, seats=64, capacity=8, registered={"a": 1.0}, inflight={"a": 30})
+        quiet = backend("b2", slots=8, seats=64, capacity=8, registered={"b": 1.0}, inflight={"b": 3})
+        assert self.policy.decide(REQ, [busy, quiet]) == Decision(Action.LOAD, "b2")
+        # A backend whose batch is full takes no new adapter, however quiet its slots.
+        packed = backend("b3", slots=8, seats=3, capacity=8, registered={"b": 1.0}, inflight={"b": 3})
+        assert self.policy.decide(REQ, [busy, packed]) == Decision(Action.LOAD, "b1")
+
+    def test_tenant_cap_and_pins_still_honoured(self) -> None:
+        b1 = backend(
+            "b1", slots=8, seats=64, capacity=2, registered={"mine": 5.0, "theirs": 1.0},
+            tenants={"mine": "t1", "theirs": "t2"},
+        )  # fmt: skip
+        capped = Request("x", "t1", tenant_cap=1)
+        assert self.policy.decide(capped, [b1]) == Decision(Action.LOAD, "b1", evict="mine")
+        assert self.policy.decide(Request("x", "t1"), [b1]) == Decision(Action.LOAD, "b1", evict="theirs")
+        pinned = Request("x", "t1", pinned=frozenset({"mine"}), tenant_cap=1)
+        assert self.policy.decide(pinned, [b1]).action is Action.WAIT
 
 
 class TestBaselines:
