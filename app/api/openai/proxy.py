@@ -270,6 +270,14 @@ class BufferedProxy(Response):
         self.raw_headers = _headers(content_type.encode(), headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The lease is given back once the client has its answer: the residency round trip is not on
+        # the response's path.
+        try:
+            await self._respond(receive, send)
+        finally:
+            await self.done()
+
+    async def _respond(self, receive: Receive, send: Send) -> None:
         try:
             data = await _unless_gone(receive, self.upstream.read())
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -281,8 +289,6 @@ class BufferedProxy(Response):
         except ClientGone:
             self.upstream.close()
             return
-        finally:
-            await self.done()
         self.upstream.release()
         data = self.rewrite(data)
         metrics.record_usage(self.target.base_model.name, _usage_from_body(data))
