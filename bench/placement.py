@@ -15,19 +15,21 @@ The model (bench/PLACEMENT.md gives the measurements and the reasons):
   a decoding backend and stops its decoding meanwhile: vLLM runs the call inside its engine loop.
   The request that asked waits for it; loads on one backend run one at a time.
 - The gateway, as app/routing/router.py: a policy with `prefers_live` first gets the residency
-  store's `touch` (registered where it is active or a slot is free: the holder with the fewest of its
-  requests in flight); otherwise `decide(Request(adapter, tenant), snapshots)`. USE -> lease, send;
+  store's `touch` (MemoryResidency's rule, BackendSlots.has_room, with the backends' seats C = 64 and
+  the policy's target); otherwise `decide(Request(adapter, tenant), snapshots)`. USE -> lease, send;
   LOAD -> reserve (victim `evicting`, adapter `loading`), load, commit and lease, send; WAIT -> a
   queue retried oldest first whenever something changes (a request ends, a load completes).
 - Workload: 200 adapters of 20 tenants (10 each; Zipf ranks shuffled so tenants mix), 128 output
-  tokens each. Open loop by default: Poisson arrivals at 90% of the fleet's single-adapter rate
-  (--load); --closed for 256 clients that each send the next request when one is answered.
+  tokens each. Two kinds of run: 'sat', a closed loop of 4 x the fleet's seats (1024 clients, each
+  sending its next request when one is answered), so the gateway always holds a backlog: the fleet's
+  capacity, which the goals judge; and open loop, Poisson arrivals at a share of the fleet's
+  single-adapter rate (0.8 and 0.9 by default): the queueing below capacity.
 
 Fleet throughput = output tok/s over the measured window / (4 x 5283). Queueing = arrival to start of
 decoding, WAITs and loads included. The run ends when the last measured request arrives.
 
-    .venv/bin/python -m bench.placement [--policies lru,round-robin,random,x-home-5] [--capacity 64]
-        [--load 0.9 | --closed] [--requests 20000] [--json FILE]
+    .venv/bin/python -m bench.placement [--policies lru,round-robin,random,lru-6] [--runs sat,0.8,0.9]
+        [--clients 1024] [--capacity 64] [--requests 20000] [--seed 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,20 +42,12 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from app.residency.state import BackendState
-from app.routing.policy import (
-    Action,
-    Decision,
-    LruPolicy,
-    PlacementPolicy,
-    RandomPolicy,
-    Request,
-    RoundRobinPolicy,
-)
+from app.residency.state import BackendSlots, BackendState
+from app.routing.policy import Action, LruPolicy, PlacementPolicy, RandomPolicy, Request, RoundRobinPolicy
 
 # --- Cost table. DESIGN.md "Throughput facts" (one H200, vLLM 0.26, Mistral-7B shape, 64 concurrent,
 # 256 in / 128 out), copied here because the project never reads /work/shared at run time:
@@ -97,137 +91,6 @@ def request_rate(k: int, n: int) -> float:
     """Tok/s of each of n running requests (n <= C) on a backend with k distinct adapters among them:
     R(k) shared by C at n = C, faster per request in a smaller batch, since part of a step is fixed."""
     return aggregate_rate(k) / CONCURRENCY / (FIXED_STEP_SHARE + (1.0 - FIXED_STEP_SHARE) * n / CONCURRENCY)
-
-
-# --- Experimental policies: variants of LruPolicy tried here to find what reaches the goal. They are
-# NOT the product's policy; the report names the change to make in app/routing/policy.py.
-
-
-def _requests(b: BackendState) -> int:
-    return sum(b.inflight.values())
-
-
-def _slots_taken(b: BackendState) -> int:
-    """Active adapters plus those being loaded for a request (each will be active when it commits)."""
-    return b.active + len(b.loading - b.inflight.keys())
-
-
-class ExperimentalStrictLru(LruPolicy):
-    """EXPERIMENTAL. LruPolicy without its step 3 (queue behind a holder with no free slot, which adds
-    one more distinct adapter to a full backend) and with fleet-wide single flight: an adapter being
-    loaded anywhere waits for that load instead of starting a second one elsewhere. `target` admits a
-    new adapter only below `target` active adapters per backend (default: the backend's slots)."""
-
-    # Its own step 1 is the store's touch with the `target` limit, so the simulator asks it every time.
-    prefers_live = False
-
-    def __init__(self, target: int | None = None, name: str = "x-strict") -> None:
-        self.target = target
-        self.name = name
-
-    def _limit(self, b: BackendState) -> int:
-        return b.slots if self.target is None else min(self.target, b.slots)
-
-    def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
-        a = request.adapter
-        holders = [b for b in backends if a in b.registered]
-        # Unlike LruPolicy (and the store's touch), a load under way holds its slot: an idle holder must
-        # not take the last slot while another adapter is being loaded into it.
-        roomy = [b for b in holders if a in b.inflight or _slots_taken(b) < self._limit(b)]
-        if roomy:
-            return Decision(Action.USE, min(roomy, key=lambda b: (b.inflight.get(a, 0), b.active)).id)
-        if any(a in b.loading for b in backends):
-            return Decision(Action.WAIT)  # its load will commit, and the retry then finds it live
-        limited = [_LimitedView.of(b, self._limit(b)) for b in backends]
-        d = super().decide(request, limited)
-        if d.action is Action.USE and d.backend is not None:
-            # Step 3 of LruPolicy: a holder without room. Queue in the gateway instead.
-            return Decision(Action.WAIT)
-        return d
-
-
-class ExperimentalSeatsLru(LruPolicy):
-    """EXPERIMENTAL. Admits a new adapter to a backend only where both a GPU slot and a batch seat are
-    free, so an adapter is never added to a batch that is already full (where it only costs: one more
-    distinct adapter slows every request there, and its requests would wait for seats anyway):
-    1. active on a backend with a free seat: join that batch (the least loaded such holder);
-    2. registered and idle where a slot and a seat are free: activate it there (no load);
-    3. being loaded somewhere: wait for that load (fleet-wide single flight);
-    4. load where a slot and a seat are free: no eviction first, then the least recently used victim,
-       then the backend with the fewest requests (this also replicates a hot adapter whose holder is full);
-    5. active somewhere (every batch is full): queue behind its least loaded holder, no new adapter;
-    6. else wait. `seats` is the backends' batch size (C); `target` caps active adapters per backend."""
-
-    prefers_live = False  # step 1 is seat-aware, unlike the store's touch, so ask every time
-
-    def __init__(
-        self,
-        seats: int = CONCURRENCY,
-        target: int | None = None,
-        name: str = "x-seats",
-        *,
-        late: bool = False,
-        home: bool = False,
-    ) -> None:
-        self.seats = seats
-        self.target = target
-        self.name = name
-        # late: skip step 5 and keep the request in the gateway, so it can go wherever a seat frees first.
-        self.late = late
-        # home: an adapter registered somewhere waits for a slot there instead of being loaded elsewhere,
-        # unless it is active and every holder's batch is full (then a copy spreads a hot adapter).
-        self.home = home
-
-    def _limit(self, b: BackendState) -> int:
-        return b.slots if self.target is None else min(self.target, b.slots)
-
-    def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
-        a = request.adapter
-        live = [b for b in backends if a in b.inflight]
-        seated = [b for b in live if _requests(b) < self.seats]
-        if seated:
-            return Decision(Action.USE, min(seated, key=_requests).id)
-        room = [b for b in backends if _slots_taken(b) < self._limit(b) and _requests(b) < self.seats]
-        idle = [b for b in room if a in b.registered and a not in b.inflight]
-        if idle:
-            return Decision(Action.USE, min(idle, key=_requests).id)
-        if any(a in b.loading for b in backends):
-            return Decision(Action.WAIT)
-        if self.home and not live and any(a in b.registered for b in backends):
-            # Registered somewhere but no slot there now: wait for one at home rather than load a copy
-            # elsewhere (a load stops that backend's decoding for ~90 ms; an activation costs nothing).
-            return Decision(Action.WAIT)
-        options: list[tuple[tuple[int, float, int], Decision]] = []
-        for b in room:
-            if a in b.registered or a in b.evicting:
-                continue
-            if b.occupied < b.capacity:
-                options.append(((0, 0.0, _requests(b)), Decision(Action.LOAD, b.id)))
-                continue
-            victims = [
-                (last, x)
-                for x, last in b.registered.items()
-                if x not in b.inflight and x not in request.pinned
-            ]
-            if victims:
-                last, victim = min(victims)
-                options.append(((1, last, _requests(b)), Decision(Action.LOAD, b.id, victim)))
-        if options:
-            return min(options, key=lambda o: o[0])[1]
-        if live and not self.late:
-            return Decision(Action.USE, min(live, key=_requests).id)
-        return Decision(Action.WAIT)
-
-
-@dataclass(slots=True)
-class _LimitedView(BackendState):
-    """A snapshot that reports fewer slots, so LruPolicy's own rules admit fewer adapters per backend."""
-
-    @classmethod
-    def of(cls, b: BackendState, slots: int) -> BackendState:
-        if slots == b.slots:
-            return b
-        return cls(b.id, slots, b.capacity, b.registered, b.inflight, b.tenants, b.loading, b.evicting)
 
 
 # --- Simulation state
@@ -286,9 +149,9 @@ class Workload:
     zipf_s: float = 1.0
     backends: int = 4
     capacity: int = 64  # adapters registered per backend (--max-cpu-loras)
-    closed: bool = False
+    closed: bool = True
     load: float = 0.9  # open loop: offered tokens/s as a fraction of backends x ONE_ADAPTER_TOK_S
-    clients: int = 256  # closed loop
+    clients: int = 1024  # closed loop
     warmup: int = 4000
     requests: int = 20000
     load_stall: bool = True
@@ -345,8 +208,13 @@ class Simulator:
             self.arrivals = np.cumsum(rng.exponential(1.0 / req_s, size=total)).tolist()
         self.policy_requests = {a: Request(a, self.owner[a]) for a in names}
         self.backends = [
-            SimBackend(i, BackendState(id=f"b{i}", slots=SLOTS, capacity=wl.capacity))
+            SimBackend(i, BackendState(id=f"b{i}", slots=SLOTS, capacity=wl.capacity, seats=CONCURRENCY))
             for i in range(wl.backends)
+        ]
+        # What the router hands the store's touch for each backend.
+        self.slots = [
+            BackendSlots(b.state.id, SLOTS, wl.capacity, CONCURRENCY, policy.target(SLOTS))
+            for b in self.backends
         ]
         self.by_id = {b.state.id: b for b in self.backends}
         # The snapshot the policy sees: the live residency objects. The simulation is single-threaded
@@ -414,16 +282,19 @@ class Simulator:
             self.waiting.append(req)
 
     def _touch(self, adapter: str) -> SimBackend | None:
-        """The residency store's hot path (MemoryResidency.touch): registered where it is active or a
-        slot is free; the holder with the fewest of its requests in flight, first in order on ties."""
-        best: tuple[int, SimBackend] | None = None
-        for b in self.backends:
+        """The residency store's hot path, as MemoryResidency.touch: a holder where BackendSlots.has_room
+        holds, where it is active first, then the one with the fewest requests (first in order on ties)."""
+        best: tuple[tuple[bool, int], SimBackend] | None = None
+        for b, slots in zip(self.backends, self.slots, strict=True):
             s = b.state
             if adapter not in s.registered:
                 continue
             mine = s.inflight.get(adapter, 0)
-            if (mine > 0 or len(s.inflight) < s.slots) and (best is None or mine < best[0]):
-                best = (mine, b)
+            key = (mine == 0, s.requests)
+            if slots.has_room(mine=mine, requests=s.requests, taken=s.slots_taken) and (
+                best is None or key < best[0]
+            ):
+                best = (key, b)
         return None if best is None else best[1]
 
     def _place(self, req: SimRequest, now: float) -> bool:
@@ -620,33 +491,25 @@ class Simulator:
 
 # --- Policies and goals
 
-PolicyFactory = Callable[[int], PlacementPolicy]
-
-BASELINES: dict[str, tuple[PolicyFactory, bool]] = {
-    "lru": (lambda seed: LruPolicy(), True),
-    "round-robin": (lambda seed: RoundRobinPolicy(), False),
-    "random": (lambda seed: RandomPolicy(seed), False),
+POLICIES: dict[str, Callable[[int], PlacementPolicy]] = {
+    "lru": lambda seed: LruPolicy(),
+    "round-robin": lambda seed: RoundRobinPolicy(),
+    "random": lambda seed: RandomPolicy(seed),
 }
-# Experimental variants, named KIND or KIND-N where N caps active adapters per backend (default: slots).
-EXPERIMENTS: dict[str, Callable[[int | None, str], PlacementPolicy]] = {
-    "x-strict": lambda n, name: ExperimentalStrictLru(n, name),
-    "x-seats": lambda n, name: ExperimentalSeatsLru(target=n, name=name),
-    "x-late": lambda n, name: ExperimentalSeatsLru(target=n, name=name, late=True),
-    "x-home": lambda n, name: ExperimentalSeatsLru(target=n, name=name, late=True, home=True),
-}
+PURE = {"lru"}  # functions of (request, snapshot) alone; the baselines keep a turn counter or an RNG
 
 
 def make_policy(name: str, seed: int) -> tuple[PlacementPolicy, bool]:
-    """The policy called `name` and whether it is pure (a function of request and snapshot alone)."""
-    if name in BASELINES:
-        factory, pure = BASELINES[name]
-        return factory(seed), pure
+    """The policy called `name` and whether it is pure. "lru-N" is LruPolicy with a target of N active
+    adapters per backend instead of its default."""
+    if name in POLICIES:
+        return POLICIES[name](seed), name in PURE
     kind, _, n = name.rpartition("-")
-    if kind in EXPERIMENTS and n.isdigit():
-        return EXPERIMENTS[kind](int(n), name), True
-    if name in EXPERIMENTS:
-        return EXPERIMENTS[name](None, name), True
-    raise SystemExit(f"unknown policy {name!r}: {', '.join(BASELINES)}, or {', '.join(EXPERIMENTS)}[-N]")
+    if kind == "lru" and n.isdigit() and 1 <= int(n) <= SLOTS:
+        policy = LruPolicy(target_share=int(n) / SLOTS)
+        policy.name = name
+        return policy, True
+    raise SystemExit(f"unknown policy {name!r}: {', '.join(POLICIES)} or lru-N (N: 1..{SLOTS})")
 
 
 # app/routing/router.py gives up on a request told WAIT for this long (503 + Retry-After). The simulator
@@ -655,6 +518,9 @@ ROUTER_WAIT_TIMEOUT_S = 30.0
 GOAL_POLICY = 0.85  # issue 4: the product policy keeps the fleet at >= 85% of the single-adapter rate
 MEASURED_BASELINE = (0.12, 0.24)  # 64 live adapters on one backend, 8 or 64 slots (800 / 1657 tok/s)
 BASELINE_SLACK = 0.06
+# The saturation run's clients per batch seat of the fleet: enough that the gateway always holds a
+# backlog, so no seat idles for want of a request (bench/PLACEMENT.md, "What fleet throughput measures").
+SATURATION_CLIENTS_PER_SEAT = 4
 
 
 def simulate(wl: Workload, name: str) -> Result:
@@ -697,6 +563,7 @@ def render(wl: Workload, results: list[Result]) -> str:
 
 
 def judge(results: list[Result]) -> tuple[list[str], bool]:
+    """Verdicts on a saturation run: the goals are about the fleet's capacity."""
     lines: list[str] = []
     ok = True
     lo, hi = MEASURED_BASELINE
@@ -715,12 +582,14 @@ def judge(results: list[Result]) -> tuple[list[str], bool]:
             )
         else:
             lines.append(
-                f"info  {r.policy} (experimental): {r.fraction:.3f} "
-                f"{'>=' if r.fraction >= GOAL_POLICY else '<'} {GOAL_POLICY}"
+                f"info  {r.policy}: {r.fraction:.3f} {'>=' if r.fraction >= GOAL_POLICY else '<'} {GOAL_POLICY}"
             )
             continue
         ok &= passed
     return lines, ok
+
+
+SATURATION = "sat"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -730,17 +599,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--policies",
         default="lru,round-robin,random",
-        help=f"comma list of {', '.join(BASELINES)}, and experimental {', '.join(EXPERIMENTS)}[-N] "
-        "(N: most active adapters per backend)",
+        help=f"comma list of {', '.join(POLICIES)}, lru-N (LruPolicy aiming at N active adapters per backend)",
     )
     ap.add_argument(
-        "--closed", action="store_true", help="closed loop of --clients clients instead of open loop"
+        "--runs",
+        default=f"{SATURATION},0.8,0.9",
+        help=f"comma list: '{SATURATION}' (closed loop of --clients clients: the fleet's capacity, judged) "
+        "and open-loop offered loads (tok/s / fleet single-adapter rate: queueing below capacity)",
     )
     ap.add_argument(
-        "--load", type=float, default=0.9, help="open loop: offered tok/s / fleet single-adapter rate"
-    )
-    ap.add_argument(
-        "--clients", type=int, default=256, help="closed loop: clients, each with one request out"
+        "--clients",
+        type=int,
+        help=f"clients of the '{SATURATION}' run, each with one request out (default: 4 x the fleet's seats)",
     )
     ap.add_argument("--requests", type=int, default=20000, help="measured requests")
     ap.add_argument("--warmup", type=int, default=4000, help="requests before the measured ones")
@@ -753,28 +623,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity")
     ap.add_argument("--no-load-stall", action="store_true", help="loads do not pause the backend's decoding")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--json", metavar="FILE", help="also write the workload and results as JSON")
+    ap.add_argument("--json", metavar="FILE", help="also write the workloads and results as JSON")
     args = ap.parse_args(argv)
-    wl = Workload(
+    base = Workload(
         adapters=args.adapters,
         tenants=args.tenants,
         zipf_s=args.zipf,
         backends=args.backends,
         capacity=args.capacity,
-        closed=args.closed,
-        load=args.load,
-        clients=args.clients,
+        clients=args.clients or SATURATION_CLIENTS_PER_SEAT * args.backends * CONCURRENCY,
         warmup=args.warmup,
         requests=args.requests,
         load_stall=not args.no_load_stall,
         seed=args.seed,
     )
-    results = [simulate(wl, name.strip()) for name in args.policies.split(",") if name.strip()]
-    verdicts, ok = judge(results)
-    print(render(wl, results) + "\n\n" + "\n".join(verdicts), flush=True)  # noqa: T201
+    ok = True
+    out = []
+    for run in (r.strip() for r in args.runs.split(",") if r.strip()):
+        wl = replace(base, closed=True) if run == SATURATION else replace(base, closed=False, load=float(run))
+        results = [simulate(wl, name.strip()) for name in args.policies.split(",") if name.strip()]
+        text = render(wl, results)
+        if wl.closed:
+            verdicts, passed = judge(results)
+            ok &= passed
+            text += "\n\n" + "\n".join(verdicts)
+        print(text + "\n", flush=True)  # noqa: T201
+        out.append({"workload": asdict(wl), "results": [asdict(r) for r in results]})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workload": asdict(wl), "results": [asdict(r) for r in results]}, f, indent=2)
+            json.dump(out, f, indent=2)
     return 0 if ok else 1
 
 
