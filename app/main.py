@@ -37,7 +37,7 @@ class State(TypedDict):
     data_path: DataPath
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> FastPath:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings.DATABASE_URL)
@@ -106,13 +106,12 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
-    app.add_middleware(FastPath)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
-    return app
+    return FastPath(app)
 
 
-def app_factory() -> FastAPI:
+def app_factory() -> FastPath:
     """Entry point for `uvicorn --factory app.main:app_factory`."""
     return create_app(get_settings())

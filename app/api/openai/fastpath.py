@@ -1,7 +1,8 @@
-"""Serves the two hot routes (/v1/chat/completions, /v1/completions) as plain ASGI, ahead of FastAPI's
-routing, dependency solving and exception wrappers, which cost more CPU per request than the gateway's
-own work (bench/overhead.py with --profile). Everything else goes on to FastAPI; the same DataPath and
-the same error envelope serve both ways."""
+"""Serves the two hot routes (/v1/chat/completions, /v1/completions) as plain ASGI, in front of the
+FastAPI app: its middleware stack (error, telemetry and body-limit wrappers), routing and dependency
+solving cost more CPU per request than the gateway's own work (bench/overhead.py with --profile).
+Everything else, lifespan included, goes on to FastAPI; the same DataPath and the same error envelope
+serve both ways."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ async def proxy(request: Request, data_path: DataPath, route: str) -> Response:
     except GatewayError as exc:
         body = error_body(exc.message, exc.type, exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    except Exception:  # outside FastAPI: the last place to keep the envelope
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
 
 class FastPath:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -111,22 +111,25 @@ class DataPath:
                 f"no backend serves base model '{target.base_model.name}' right now",
                 headers={"Retry-After": "5"},
             )
+        watch = Disconnect(request.receive)  # the body is read: from here on, receive() only reports leaving
         try:
-            upstream, lease = await _unless_gone(
-                request.receive, self._send(backends, tenant, target, route, payload)
-            )
+            upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload))
         except (RedisError, TimeoutError) as exc:
+            watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
             log.warning("residency store failed: %s", type(exc).__name__)
             raise ServiceUnavailable(
                 "the gateway's residency store is unavailable; retry", headers={"Retry-After": "1"}
             ) from exc
+        except BaseException:
+            watch.close()
+            raise
         done = _Releaser(self.router, lease)
         rewrite = _Rewriter(target)
         content_type = upstream.headers.get("Content-Type", _JSON)
         if stream and content_type.startswith("text/event-stream"):
-            return SseProxy(upstream, rewrite, target, client_wants_usage, headers, done)
-        return BufferedProxy(upstream, rewrite, target, content_type, headers, done)
+            return SseProxy(upstream, rewrite, target, client_wants_usage, headers, done, watch)
+        return BufferedProxy(upstream, rewrite, target, content_type, headers, done, watch)
 
     async def _send(
         self,
@@ -198,25 +201,46 @@ class _Releaser:
         await asyncio.shield(self.router.release(self.lease))
 
 
-async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T:
-    """Runs work, cancelling it if the client goes away first (vLLM then aborts the generation)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise ClientGone()
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
+class Disconnect:
+    """Watches one request for its client leaving (one task for the request's whole life, started once
+    the body is read). While `run` awaits something, leaving cancels it: vLLM then aborts the generation,
+    because the gateway drops the upstream connection. `on_gone`, when set, is called instead."""
 
+    __slots__ = ("gone", "on_gone", "watcher")
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self.on_gone: Callable[[], object] | None = None
+        self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.on_gone is not None:
+            self.on_gone()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Awaits work in this task; raises ClientGone (and cancels the work) if the client leaves first."""
+        task = asyncio.current_task()
+        assert task is not None
+        if self.gone:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise ClientGone()
+        self.on_gone = task.cancel
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise  # cancelled from outside (shutdown): not ours to swallow
+            task.uncancel()
+            raise ClientGone() from None
+        finally:
+            self.on_gone = None
+
+    def close(self) -> None:
+        self.watcher.cancel()
 
 
 class ClientGone(Exception):
@@ -263,8 +287,10 @@ class BufferedProxy(Response):
         content_type: str,
         headers: dict[str, str],
         done: _Releaser,
+        watch: Disconnect,
     ) -> None:
         self.upstream, self.rewrite, self.target, self.done = upstream, rewrite, target, done
+        self.watch = watch
         self.status_code = 200
         self.background = None
         self.raw_headers = _headers(content_type.encode(), headers)
@@ -273,13 +299,14 @@ class BufferedProxy(Response):
         # The lease is given back once the client has its answer: the residency round trip is not on
         # the response's path.
         try:
-            await self._respond(receive, send)
+            await self._respond(send)
         finally:
+            self.watch.close()
             await self.done()
 
-    async def _respond(self, receive: Receive, send: Send) -> None:
+    async def _respond(self, send: Send) -> None:
         try:
-            data = await _unless_gone(receive, self.upstream.read())
+            data = await self.watch.run(self.upstream.read())
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.upstream.close()
             err = BackendUnavailable(f"the backend connection failed ({type(exc).__name__})")
@@ -323,16 +350,14 @@ class SseProxy(Response):
         client_wants_usage: bool,
         headers: dict[str, str],
         done: _Releaser,
+        watch: Disconnect,
     ) -> None:
         self.upstream, self.rewrite, self.target, self.done = upstream, rewrite, target, done
+        self.watch = watch
         self.client_wants_usage = client_wants_usage
         self.status_code = 200
         self.background = None
         self.raw_headers = [*_headers(b"text/event-stream", headers), (b"cache-control", b"no-cache")]
-
-    def _on_client_gone(self, watcher: asyncio.Future[None]) -> None:
-        if not watcher.cancelled():
-            self.upstream.close()
 
     def _events(self, block: bytes) -> bytes:
         """Rewrites a run of complete events."""
@@ -356,10 +381,11 @@ class SseProxy(Response):
         return b"".join(out)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
         # A client that leaves closes the upstream connection, which makes vLLM abort the generation.
-        watcher.add_done_callback(self._on_client_gone)
+        self.watch.on_gone = self.upstream.close
+        if self.watch.gone:
+            self.upstream.close()
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         clean = False
         try:
             buffer = b""
@@ -375,7 +401,7 @@ class SseProxy(Response):
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 clean = True
             except (TimeoutError, aiohttp.ClientError) as exc:
-                if watcher.done():
+                if self.watch.gone:
                     return  # the client left; nothing more to say to it
                 log.warning("stream from backend broke: %s", type(exc).__name__)
                 err = error_body(
@@ -391,7 +417,8 @@ class SseProxy(Response):
         except OSError:
             pass  # the client's socket went away mid-send
         finally:
-            watcher.cancel()
+            self.watch.on_gone = None
+            self.watch.close()
             if clean:
                 self.upstream.release()
             else:
