@@ -11,10 +11,19 @@ TOKENS = Counter(
 )
 
 
+# Labelled children, looked up once: labels() validates and locks on every call (hot path).
+_token_series: dict[tuple[str, str], Any] = {}
+
+
 def record_usage(base_model: str, usage: dict[str, Any] | None) -> None:
     if not usage:
         return
     for kind in ("prompt_tokens", "completion_tokens"):
         value = usage.get(kind)
         if isinstance(value, int) and value > 0:
-            TOKENS.labels(base_model, kind.removesuffix("_tokens")).inc(value)
+            series = _token_series.get((base_model, kind))
+            if series is None:
+                series = _token_series[base_model, kind] = TOKENS.labels(
+                    base_model, kind.removesuffix("_tokens")
+                )
+            series.inc(value)

@@ -83,11 +83,13 @@ class VllmClient:
         # goes out on a connection the server is closing at that very moment.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
-        # auto_decompress off: bytes pass through untouched; skip_auto_headers keeps requests minimal.
+        # auto_decompress off: bytes pass through untouched. No cookie jar: a backend's cookies must never
+        # ride along on other tenants' requests (and keeping none saves work on every response).
         session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
             auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
         return cls(session)

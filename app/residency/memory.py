@@ -18,6 +18,9 @@ class _Backend:
     loading: dict[str, tuple[int, float]] = field(default_factory=dict)  # adapter -> (token, expiry)
     evicting: dict[str, float] = field(default_factory=dict)  # adapter -> expiry
     gone: dict[str, float] = field(default_factory=dict)  # recently evicted/forgotten -> until
+    # No lease expires before this: leases are only swept once one may have (a request's lease lives
+    # for minutes, so the hot path almost never pays for the sweep).
+    leases_valid_until: float = float("inf")
 
     def prune(self, now: float) -> None:
         for adapter in [a for a, (_, exp) in self.loading.items() if exp <= now]:
@@ -28,10 +31,14 @@ class _Backend:
             del self.evicting[adapter]
         for adapter in [a for a, exp in self.gone.items() if exp <= now]:
             del self.gone[adapter]
+        if now < self.leases_valid_until:
+            return
+        self.leases_valid_until = float("inf")
         for adapter in list(self.leases):
             live = {k: v for k, v in self.leases[adapter].items() if v > now}
             if live:
                 self.leases[adapter] = live
+                self.leases_valid_until = min(self.leases_valid_until, *live.values())
             else:
                 del self.leases[adapter]
 
@@ -60,7 +67,9 @@ class MemoryResidency:
 
     def _lease(self, b: _Backend, adapter: str, lease: str, now: float) -> None:
         b.registered[adapter] = now
-        b.leases.setdefault(adapter, {})[lease] = now + self.lease_ttl_s
+        expiry = now + self.lease_ttl_s
+        b.leases.setdefault(adapter, {})[lease] = expiry
+        b.leases_valid_until = min(b.leases_valid_until, expiry)
 
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
@@ -90,6 +99,9 @@ class MemoryResidency:
         return True
 
     async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None:
+        self.release_nowait(pool, backend, adapter, lease)
+
+    def release_nowait(self, pool: str, backend: str, adapter: str, lease: str) -> None:
         b = self._b(pool, backend)
         leases = b.leases.get(adapter)
         if leases is not None:

@@ -11,6 +11,7 @@ that may have leases), :fence (counter)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,20 +22,24 @@ from redis.exceptions import RedisError
 from app.residency.memory import GONE_GRACE_S
 from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
 
+log = logging.getLogger(__name__)
+
 _COMMON = """
 local P = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local function active_count(b)
+-- Adapters with requests in flight, and those requests, on backend b.
+local function usage(b)
   local act = P .. 'act:' .. b
-  local n = 0
+  local n, requests = 0, 0
   for _, a in ipairs(redis.call('SMEMBERS', act)) do
     local lease = P .. 'lease:' .. b .. ':' .. a
     redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
-    if redis.call('ZCARD', lease) > 0 then n = n + 1 else redis.call('SREM', act, a) end
+    local k = redis.call('ZCARD', lease)
+    if k > 0 then n = n + 1; requests = requests + k else redis.call('SREM', act, a) end
   end
-  return n
+  return n, requests
 end
 
 local function inflight(b, a)
@@ -64,23 +69,32 @@ end
 # The hot path's two calls, batched: every touch and release made by this process in one event-loop
 # iteration (and while the previous batch was on its way) travels as one script call.
 # ARGV: lease_ms, then operations, each one of
-#   'T', adapter, lease, n, then n x (backend id, slots): touch; result the backend chosen, or ''
+#   'T', adapter, lease, n, then n x (backend id, slots, seats, target; 0 for none): touch; result the
+#     backend chosen, or ''
 #   'R', backend, adapter, lease: release; result 1
 # Returns one result per operation, in order. Each operation is atomic (the whole batch is).
+# Touch applies BackendSlots.has_room: a free seat (requests < seats), and the adapter active there
+# already or the active adapters plus loads under way below min(target, slots); among the holders that
+# qualify, those where it is active first, then the fewest requests, then the first given.
 _HOT = (
     _COMMON
     + """
 local lease_ms = tonumber(ARGV[1])
 
 local function touch(a, lease, first, n)
-  local best, best_load = nil, nil
-  for i = first, first + 2 * (n - 1), 2 do
-    local b, slots = ARGV[i], tonumber(ARGV[i + 1])
+  local best, best_key = nil, nil
+  for i = first, first + 4 * (n - 1), 4 do
+    local b, slots, seats, target = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
     if redis.call('ZSCORE', P .. 'reg:' .. b, a) then
       local mine = inflight(b, a)
-      local taken = active_count(b) + redis.call('ZCOUNT', P .. 'load:' .. b, now, '+inf')
-      if (mine > 0 or taken < slots) and (best == nil or mine < best_load) then
-        best, best_load = b, mine
+      local active, requests = usage(b)
+      local taken = active + redis.call('ZCOUNT', P .. 'load:' .. b, now, '+inf')
+      local limit = slots
+      if target > 0 and target < slots then limit = target end
+      if (seats == 0 or requests < seats) and (mine > 0 or taken < limit) then
+        local key = requests
+        if mine == 0 then key = key + 1e12 end  -- where it is active already comes first
+        if best == nil or key < best_key then best, best_key = b, key end
       end
     end
   end
@@ -100,7 +114,7 @@ while i <= #ARGV do
   if ARGV[i] == 'T' then
     local n = tonumber(ARGV[i + 3])
     table.insert(out, touch(ARGV[i + 1], ARGV[i + 2], i + 4, n))
-    i = i + 4 + 2 * n
+    i = i + 4 + 4 * n
   else
     table.insert(out, release(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]))
     i = i + 4
@@ -129,7 +143,7 @@ local out = {}
 for i = 1, #ARGV do
   local b = ARGV[i]
   prune_busy(b)
-  active_count(b)
+  usage(b)  -- drops expired leases
   local infl = {}
   for _, a in ipairs(redis.call('SMEMBERS', P .. 'act:' .. b)) do
     table.insert(infl, a); table.insert(infl, tostring(redis.call('ZCARD', P .. 'lease:' .. b .. ':' .. a)))
@@ -276,21 +290,26 @@ def _pairs(flat: list[Any]) -> list[tuple[str, str]]:
 class _HotBatch:
     """Group commit for one pool's hot-path calls: operations queued while the loop runs (and while the
     previous batch is on its way) go out together as one `_HOT` call. Under load this is what keeps Redis
-    to a few tens of microseconds of gateway CPU per request; an idle gateway sends each call at once."""
+    to a few tens of microseconds of gateway CPU per request; an idle gateway sends each call at once.
+
+    Each queued operation has a future for its caller, or none (a release nobody waits for). A touch
+    whose caller was cancelled meanwhile still happens on the server: the lease it took is released in
+    the next batch."""
 
     def __init__(self, script: AsyncScript, key: str, lease_ms: int) -> None:
         self.script, self.key, self.lease_ms = script, key, lease_ms
         self.ops: list[Any] = []
-        self.waiters: list[asyncio.Future[Any]] = []
+        self.waiters: list[asyncio.Future[Any] | None] = []
         self.running = False
 
-    def submit(self, *op: Any) -> asyncio.Future[Any]:
-        fut = asyncio.get_running_loop().create_future()
+    def submit(self, op: list[Any], *, wait: bool = True) -> asyncio.Future[Any] | None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future() if wait else None
         self.ops += op
         self.waiters.append(fut)
         if not self.running:
             self.running = True
-            asyncio.get_running_loop().call_soon(self._start)
+            loop.call_soon(self._start)
         return fut
 
     def _start(self) -> None:
@@ -300,7 +319,7 @@ class _HotBatch:
         task.add_done_callback(_BACKGROUND.discard)
 
     async def _drain(self) -> None:
-        waiters: list[asyncio.Future[Any]] = []
+        waiters: list[asyncio.Future[Any] | None] = []
         try:
             while self.waiters:
                 ops, waiters = self.ops, self.waiters
@@ -308,21 +327,37 @@ class _HotBatch:
                 try:
                     results = await self.script(keys=[self.key], args=[self.lease_ms, *ops])
                 except (RedisError, OSError) as exc:  # every caller in the batch gets it (a 503 upstream)
+                    if None in waiters:
+                        log.warning("residency releases failed (%s); their leases expire", type(exc).__name__)
                     _fail(waiters, exc)
                     continue
-                for w, r in zip(waiters, results, strict=True):
-                    if not w.done():
-                        w.set_result(r)
+                self._deliver(ops, waiters, results)
         finally:
             self.running = False
             # Only if the drain itself died (a bug, shutdown): nobody may wait for an answer forever.
             _fail(waiters + self.waiters, RedisError("residency batch stopped"))
             self.ops, self.waiters = [], []
 
+    def _deliver(self, ops: list[Any], waiters: list[asyncio.Future[Any] | None], results: list[Any]) -> None:
+        i = 0
+        for w, r in zip(waiters, results, strict=True):
+            op = ops[i]
+            if op == "T":
+                adapter, lease, n = ops[i + 1], ops[i + 2], ops[i + 3]
+                i += 4 + 4 * n
+            else:
+                i += 4
+            if w is None:
+                continue
+            if not w.cancelled():
+                w.set_result(r)
+            elif op == "T" and r:  # the caller left: give back the lease taken for it
+                self.submit(["R", _s(r), adapter, lease], wait=False)
 
-def _fail(waiters: list[asyncio.Future[Any]], exc: BaseException) -> None:
+
+def _fail(waiters: list[asyncio.Future[Any] | None], exc: BaseException) -> None:
     for w in waiters:
-        if not w.done():
+        if w is not None and not w.done():
             w.set_exception(exc)
 
 
@@ -363,19 +398,10 @@ class RedisResidency:
     ) -> str | None:
         args: list[Any] = ["T", adapter, lease, len(backends)]
         for b in backends:
-            args += [b.id, b.slots]
-        fut = self._batch(pool).submit(*args)
-        try:
-            got = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The caller left, but the batch still runs: a lease it took for us must not stay behind.
-            fut.add_done_callback(lambda f: self._undo(pool, adapter, lease, f))
-            raise
-        return _s(got) or None
-
-    def _undo(self, pool: str, adapter: str, lease: str, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result():
-            self._batch(pool).submit("R", _s(fut.result()), adapter, lease)
+            args += [b.id, b.slots, b.seats or 0, b.target or 0]
+        fut = self._batch(pool).submit(args)
+        assert fut is not None
+        return _s(await fut) or None
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         return bool(
@@ -383,7 +409,12 @@ class RedisResidency:
         )
 
     async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None:
-        await asyncio.shield(self._batch(pool).submit("R", backend, adapter, lease))
+        fut = self._batch(pool).submit(["R", backend, adapter, lease])
+        assert fut is not None
+        await asyncio.shield(fut)
+
+    def release_nowait(self, pool: str, backend: str, adapter: str, lease: str) -> None:
+        self._batch(pool).submit(["R", backend, adapter, lease], wait=False)
 
     async def snapshot(self, pool: str, backends: Sequence[BackendSlots]) -> list[BackendState]:
         raw = await self._snapshot(keys=[self._key(pool)], args=[b.id for b in backends])
@@ -394,6 +425,7 @@ class RedisResidency:
                     id=slots.id,
                     slots=slots.slots,
                     capacity=slots.capacity,
+                    seats=slots.seats,
                     registered={a: float(s) / 1000 for a, s in _pairs(reg)},
                     inflight={a: int(n) for a, n in _pairs(infl) if int(n) > 0},
                     tenants=dict(_pairs(ten)),

@@ -96,6 +96,10 @@ class ResidencyStore(Protocol):
 
     async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None: ...
 
+    def release_nowait(self, pool: str, backend: str, adapter: str, lease: str) -> None:
+        """Release without waiting for the store: the end of a response, where nobody needs the answer.
+        This process's later touches see it; a snapshot may briefly not. If it fails, the lease expires."""
+
     async def snapshot(self, pool: str, backends: Sequence[BackendSlots]) -> list[BackendState]: ...
 
     async def reserve(

@@ -35,6 +35,10 @@ class Lease:
     released: bool = False
 
 
+# A backend list as handed out by the registry cache, by id, and as the residency store sees it.
+_Fleet = tuple[tuple[BackendView, ...], dict[str, BackendView], list[BackendSlots]]
+
+
 class Router:
     def __init__(
         self,
@@ -58,6 +62,7 @@ class Router:
         self.patience_s = patience_s
         self._rr = itertools.count()
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
+        self._fleets: dict[int, _Fleet] = {}
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
         self.on_trouble: Callable[[BackendView], None] | None = None
@@ -68,8 +73,26 @@ class Router:
     def _usable(self, backends: tuple[BackendView, ...], avoid: frozenset[str]) -> tuple[BackendView, ...]:
         # Unhealthy backends are avoided, not banned: if nothing else is left, trying them beats a 503
         # (a restarted backend answers before the next health check notices).
+        if not self.unhealthy and not avoid:
+            return backends
         healthy = tuple(b for b in backends if str(b.id) not in self.unhealthy and str(b.id) not in avoid)
         return healthy or backends
+
+    def _fleet(self, backends: tuple[BackendView, ...]) -> tuple[dict[str, BackendView], list[BackendSlots]]:
+        """The backends by id and as the residency store sees them: built once per backend list (the
+        registry cache hands out the same tuple until it reloads)."""
+        hit = self._fleets.get(id(backends))
+        if hit is not None and hit[0] is backends:
+            return hit[1], hit[2]
+        by_id = {str(b.id): b for b in backends}
+        slots = [
+            BackendSlots(str(b.id), b.gpu_slots, b.capacity, b.max_num_seqs, self.policy.target(b.gpu_slots))
+            for b in backends
+        ]
+        if len(self._fleets) >= 64:
+            self._fleets.clear()
+        self._fleets[id(backends)] = (backends, by_id, slots)  # holding the tuple keeps its id unique
+        return by_id, slots
 
     def answered(self, backend: BackendView) -> None:
         """A backend served a request: whatever a health check said, it is up."""
@@ -89,11 +112,7 @@ class Router:
         if adapter is None:
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
         pool, name = str(adapter.base_model.id), adapter.served_name
-        by_id = {str(b.id): b for b in backends}
-        slots = [
-            BackendSlots(str(b.id), b.gpu_slots, b.capacity, b.max_num_seqs, self.policy.target(b.gpu_slots))
-            for b in backends
-        ]
+        by_id, slots = self._fleet(backends)
         if self.policy.prefers_live:
             got = await self.store.touch(pool, name, lease_id, slots)
             if got is not None:
@@ -185,6 +204,13 @@ class Router:
             return
         lease.released = True
         await self.store.release(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
+
+    def release_nowait(self, lease: Lease) -> None:
+        """The response is over: give the lease back without waiting for the store to confirm."""
+        if lease.released or lease.adapter is None:
+            return
+        lease.released = True
+        self.store.release_nowait(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
 
     async def lost(self, lease: Lease) -> None:
         """The backend answered 404 for the adapter: it forgot it (restart, manual unload)."""

@@ -140,6 +140,15 @@ class TestHotPath:
         await store.release(POOL, "b1", "a", "second")
         assert (await state(store)).inflight == {}
 
+    async def test_release_nowait_is_seen_by_the_next_touch(self, store: ResidencyStore) -> None:
+        la = await load(store, B1, "a")
+        await load(store, B1, "b")
+        await store.release(POOL, "b1", "c", await load(store, B1, "c"))
+        assert await store.touch(POOL, "c", "l", [B1]) is None  # both GPU slots active
+        store.release_nowait(POOL, "b1", "a", la)  # the end of a response: nobody waits for it
+        assert await store.touch(POOL, "c", "l", [B1]) == "b1"
+        assert (await state(store)).inflight == {"b": 1, "c": 1}
+
     async def test_acquire_needs_registration(self, store: ResidencyStore) -> None:
         assert not await store.acquire(POOL, "b1", "nope", "l")
 

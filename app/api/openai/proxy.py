@@ -197,8 +197,8 @@ class _Releaser:
     def __init__(self, router: Router, lease: Lease) -> None:
         self.router, self.lease = router, lease
 
-    async def __call__(self) -> None:
-        await asyncio.shield(self.router.release(self.lease))
+    def __call__(self) -> None:
+        self.router.release_nowait(self.lease)
 
 
 class Disconnect:
@@ -302,7 +302,7 @@ class BufferedProxy(Response):
             await self._respond(send)
         finally:
             self.watch.close()
-            await self.done()
+            self.done()
 
     async def _respond(self, send: Send) -> None:
         try:
@@ -423,4 +423,4 @@ class SseProxy(Response):
                 self.upstream.release()
             else:
                 self.upstream.close()
-            await self.done()
+            self.done()
