@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -240,6 +241,7 @@ def measure(
     pair: tuple[Target, Target],
     stream_pair: tuple[Target, Target] | None,
     *,
+    reference: tuple[Target, Child] | None = None,
     gateway: Child,
     upstream_pgid: int,
     cpus: tuple[int, int],
@@ -249,11 +251,24 @@ def measure(
     gateway_cpu, client_cpu_id = cpus
     client_cpu = str(client_cpu_id)
     busy_before, started_at = cpu_busy_seconds(), time.monotonic()
-    ours_before = (gateway.cpu_seconds(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
-    _measure(comparison, pair, stream_pair, gateway=gateway, client_cpu=client_cpu, profile_dir=profile_dir)
+
+    # The reference proxy shares the gateway's CPU (idle but for its own rounds): it is ours too.
+    def on_gateway_cpu() -> float:
+        return gateway.cpu_seconds() + (reference[1].cpu_seconds() if reference is not None else 0.0)
+
+    ours_before = (on_gateway_cpu(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
+    _measure(
+        comparison,
+        pair,
+        stream_pair,
+        reference=reference[0] if reference is not None else None,
+        gateway=gateway,
+        client_cpu=client_cpu,
+        profile_dir=profile_dir,
+    )
     wall = time.monotonic() - started_at
     busy_after = cpu_busy_seconds()
-    ours_after = (gateway.cpu_seconds(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
+    ours_after = (on_gateway_cpu(), group_cpu_seconds(upstream_pgid) + own_cpu_seconds())
     for key, cpu, before, after in (
         ("gateway_cpu", gateway_cpu, ours_before[0], ours_after[0]),
         ("client_cpu", client_cpu_id, ours_before[1], ours_after[1]),
@@ -267,6 +282,7 @@ def _measure(
     pair: tuple[Target, Target],
     stream_pair: tuple[Target, Target] | None,
     *,
+    reference: Target | None,
     gateway: Child,
     client_cpu: str,
     profile_dir: Path | None,
@@ -292,9 +308,10 @@ def _measure(
         f"max req/s: {plan.rounds} x {round_s:.0f} s per side, {plan.connections} connections "
         f"({'wrk' if use_wrk else 'Python client'})"
     )
-    for target in pair:
+    sides = (*pair, reference) if reference is not None else pair
+    for target in sides:
         closed(target, 1)  # warm-up: connections, caches, the adapter load
-    for target in pair * plan.rounds:
+    for target in sides * plan.rounds:
         cpu_before = gateway.cpu_seconds()
         throughput = closed(target, round_s)
         if target.label == "gateway":
@@ -473,25 +490,64 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
         }
         pair = targets(**common, stream=False)
         stream_pair = targets(**common, stream=True) if args.route == "chat" else None
-        measure(
-            comparison,
-            pair,
-            stream_pair,
-            gateway=gateway,
-            upstream_pgid=upstream.pgid,
-            cpus=(args.gateway_cpu, args.client_cpu),
-            profile_dir=args.profile,
-        )
+        with contextlib.ExitStack() as stack:
+            reference: tuple[Target, Child] | None = None
+            if upstream.scenario == "fake upstream" and args.route == "chat":
+                reference = stack.enter_context(reference_proxy(args, work, upstream.url, pair[0]))
+            measure(
+                comparison,
+                pair,
+                stream_pair,
+                reference=reference,
+                gateway=gateway,
+                upstream_pgid=upstream.pgid,
+                cpus=(args.gateway_cpu, args.client_cpu),
+                profile_dir=args.profile,
+            )
         comparison.gateway_log = read_gateway_log(data_dir / "gateway.log")
         return comparison
+
+
+@contextlib.contextmanager
+def reference_proxy(
+    args: argparse.Namespace, work: Path, upstream_url: str, direct: Target
+) -> Iterator[tuple[Target, Child]]:
+    """bench/reference_proxy.py on the gateway's CPU, in front of the same upstream: the yardstick the
+    max req/s goal was set against, measured in this run (idle while the other sides are measured)."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "uvicorn", "bench.reference_proxy:app", "--port", str(port),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+    child = Child(
+        "reference proxy",
+        pinned(str(args.gateway_cpu), argv),
+        log_path=work / "reference-proxy.log",
+        env={**os.environ, "UPSTREAM": upstream_url},
+        cwd=REPO,
+    )
+    url = f"http://127.0.0.1:{port}"
+    log(f"reference proxy (40-line aiohttp) on CPU {args.gateway_cpu}: {url}")
+    with started(child, f"{url}/health"):
+        yield dataclasses.replace(direct, label="reference", url=url + "/v1/chat/completions"), child
 
 
 # --- report ------------------------------------------------------------------------------------------
 
 
 def goals(c: Comparison) -> list[Goal]:
-    found = [
-        Goal("max req/s through one gateway core", c.best_rps("gateway"), 4000, True, "req/s"),
+    found = [Goal("max req/s through one gateway core", c.best_rps("gateway"), 4000, True, "req/s")]
+    if "reference" in c.throughput:
+        found.append(
+            Goal(
+                "max req/s vs the 40-line reference proxy on that core",
+                c.best_rps("gateway") / c.best_rps("reference"),
+                0.5,
+                True,
+                "x",
+            )
+        )
+    found += [
         Goal(
             f"added latency p50 at {c.plan.rate:g} req/s",
             c.latency["gateway"].p50_ms - c.latency["direct"].p50_ms,
@@ -538,6 +594,11 @@ def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
         ",.0f",
         f"{g / d:.2f}x   (gateway CPU {busy:.0%} of one core)",
     )
+    if "reference" in c.throughput:
+        r = c.best_rps("reference")
+        lines.append(
+            f"{'40-line reference proxy, same core':40}{'':12}{r:>12,.0f}   gateway = {g / r:.2f}x of it"
+        )
     if c.gateway_cpu_per_request:
         per_request = min(c.gateway_cpu_per_request)
         lines.append(
@@ -586,7 +647,9 @@ def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
                 lines.append(f"  {verdict}  {goal.text}: {goal.measured:,.0f} of {c.sent['gateway']:,}")
                 continue
             sign = ">=" if goal.higher_is_better else "<="
-            value = f"{goal.measured:+.2f}" if goal.unit == "ms" else f"{goal.measured:,.0f}"
+            value = {"ms": f"{goal.measured:+.2f}", "x": f"{goal.measured:.2f}"}.get(
+                goal.unit, f"{goal.measured:,.0f}"
+            )
             lines.append(f"  {verdict}  {goal.text} {sign} {goal.limit:,g} {goal.unit}: {value} {goal.unit}")
     if c.profile:
         lines.append(c.profile)
