@@ -41,8 +41,9 @@ class Settings(BaseSettings):
     # How long a request may wait for a slot or for someone else's load before it gets a 503.
     PLACEMENT_WAIT_S: float = Field(30.0, gt=0)
     # After this long waiting for a free GPU slot, a request may go to a backend whose slots are all
-    # active (one more adapter there), so that no adapter starves behind busy ones.
-    PLACEMENT_PATIENCE_S: float = Field(2.0, ge=0)
+    # active (one more adapter there). Off by default (= PLACEMENT_WAIT_S): under a backlog most requests
+    # wait seconds, and overfilling them collapses throughput (bench/PLACEMENT.md).
+    PLACEMENT_PATIENCE_S: float = Field(30.0, ge=0)
     # Backends' /v1/models is compared with the residency state this often (and on every 404).
     RECONCILE_INTERVAL_S: float = Field(15.0, gt=0)
     # Consecutive failed health checks after which a backend gets no traffic until it answers again.

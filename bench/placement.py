@@ -48,6 +48,14 @@ import numpy as np
 
 from app.residency.state import BackendSlots, BackendState
 from app.routing.policy import Action, LruPolicy, PlacementPolicy, RandomPolicy, Request, RoundRobinPolicy
+from app.settings import Settings
+
+# The router's knobs, at the gateway's defaults. A request told WAIT for longer than PATIENCE_S may
+# overfill (ignore C, T and draining); after ROUTER_WAIT_TIMEOUT_S the router answers 503 + Retry-After.
+# The simulator keeps such a request waiting instead, so that every policy serves the same requests,
+# and counts it.
+PATIENCE_S: float = Settings.model_fields["PLACEMENT_PATIENCE_S"].default
+ROUTER_WAIT_TIMEOUT_S: float = Settings.model_fields["PLACEMENT_WAIT_S"].default
 
 # --- Cost table. DESIGN.md "Throughput facts" (one H200, vLLM 0.26, Mistral-7B shape, 64 concurrent,
 # 256 in / 128 out), copied here because the project never reads /work/shared at run time:
@@ -155,6 +163,10 @@ class Workload:
     warmup: int = 4000
     requests: int = 20000
     load_stall: bool = True
+    # The router's PLACEMENT_PATIENCE_S: a request told WAIT for longer may overfill (Request.overfill).
+    patience_s: float = PATIENCE_S
+    drain_ratio: float | None = None  # LruPolicy's, when set
+    drain_min: int | None = None
     seed: int = 1
 
 
@@ -206,7 +218,13 @@ class Simulator:
         else:
             req_s = wl.load * wl.backends * ONE_ADAPTER_TOK_S / OUTPUT_TOKENS
             self.arrivals = np.cumsum(rng.exponential(1.0 / req_s, size=total)).tolist()
-        self.policy_requests = {a: Request(a, self.owner[a]) for a in names}
+        # The router's count of its waiting requests per adapter, which the policy reads (Request.waiting).
+        self.waiting_count: Counter[str] = Counter()
+        self.policy_requests = {
+            (a, overfill): Request(a, self.owner[a], overfill=overfill, waiting=self.waiting_count)
+            for a in names
+            for overfill in (False, True)
+        }
         self.backends = [
             SimBackend(i, BackendState(id=f"b{i}", slots=SLOTS, capacity=wl.capacity, seats=CONCURRENCY))
             for i in range(wl.backends)
@@ -280,6 +298,7 @@ class Simulator:
         if not self._place(req, now):
             self.told_wait.add(idx)
             self.waiting.append(req)
+            self.waiting_count[adapter] += 1
 
     def _touch(self, adapter: str) -> SimBackend | None:
         """The residency store's hot path, as MemoryResidency.touch: a holder where BackendSlots.has_room
@@ -297,15 +316,21 @@ class Simulator:
                 best = (key, b)
         return None if best is None else best[1]
 
+    def _overfill(self, req: SimRequest, now: float) -> bool:
+        """As the router: past its patience a request may overfill. Past ROUTER_WAIT_TIMEOUT_S the router
+        would have answered 503; the simulator keeps the request, as the client's retry, without it."""
+        return self.wl.patience_s < now - req.arrival <= ROUTER_WAIT_TIMEOUT_S
+
     def _place(self, req: SimRequest, now: float) -> bool:
         """One pass of the data path for one request; False when it must wait."""
-        if self.policy.prefers_live:
+        if self.policy.prefers_live and not self.waiting_count:
             holder = self._touch(req.adapter)
             if holder is not None:
                 req.placed = now
                 self._send(req, holder, now)
                 return True
-        d = self.policy.decide(self.policy_requests[req.adapter], self.states)
+        overfill = self._overfill(req, now)
+        d = self.policy.decide(self.policy_requests[req.adapter, overfill], self.states)
         if d.action is Action.WAIT:
             return False
         req.placed = now
@@ -372,11 +397,16 @@ class Simulator:
             return
         # Oldest first, as the router's polling approximates (each waiter retries within 200 ms).
         pending, self.waiting = self.waiting, deque()
-        blocked: set[str] = set()
+        blocked: set[tuple[str, bool]] = set()
         for req in pending:
-            if (self.pure and req.adapter in blocked) or not self._place(req, now):
-                blocked.add(req.adapter)
+            key = (req.adapter, self._overfill(req, now))
+            if (self.pure and key in blocked) or not self._place(req, now):
+                blocked.add(key)
                 self.waiting.append(req)
+            else:
+                self.waiting_count[req.adapter] -= 1
+                if not self.waiting_count[req.adapter]:
+                    del self.waiting_count[req.adapter]
 
     # --- the run
 
@@ -512,9 +542,6 @@ def make_policy(name: str, seed: int) -> tuple[PlacementPolicy, bool]:
     raise SystemExit(f"unknown policy {name!r}: {', '.join(POLICIES)} or lru-N (N: 1..{SLOTS})")
 
 
-# app/routing/router.py gives up on a request told WAIT for this long (503 + Retry-After). The simulator
-# keeps it waiting instead, so that every policy serves the same requests, and counts it.
-ROUTER_WAIT_TIMEOUT_S = 30.0
 GOAL_POLICY = 0.85  # issue 4: the product policy keeps the fleet at >= 85% of the single-adapter rate
 MEASURED_BASELINE = (0.12, 0.24)  # 64 live adapters on one backend, 8 or 64 slots (800 / 1657 tok/s)
 BASELINE_SLACK = 0.06
@@ -525,6 +552,9 @@ SATURATION_CLIENTS_PER_SEAT = 4
 
 def simulate(wl: Workload, name: str) -> Result:
     policy, pure = make_policy(name, wl.seed)
+    if isinstance(policy, LruPolicy):
+        policy.drain_ratio = policy.drain_ratio if wl.drain_ratio is None else wl.drain_ratio
+        policy.drain_min = policy.drain_min if wl.drain_min is None else wl.drain_min
     return Simulator(wl, policy, pure=pure).run()
 
 
@@ -622,6 +652,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tenants", type=int, default=20)
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity")
     ap.add_argument("--no-load-stall", action="store_true", help="loads do not pause the backend's decoding")
+    ap.add_argument(
+        "--patience",
+        type=float,
+        default=PATIENCE_S,
+        help="the router's PLACEMENT_PATIENCE_S (default: its default)",
+    )
+    ap.add_argument("--drain-ratio", type=float, help="LruPolicy's drain_ratio (default: its default)")
+    ap.add_argument(
+        "--drain-min", type=int, help="LruPolicy's drain_min (default: its default; huge: no draining)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="FILE", help="also write the workloads and results as JSON")
     args = ap.parse_args(argv)
@@ -635,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         requests=args.requests,
         load_stall=not args.no_load_stall,
+        patience_s=args.patience,
+        drain_ratio=args.drain_ratio,
+        drain_min=args.drain_min,
         seed=args.seed,
     )
     ok = True

@@ -10,8 +10,8 @@ import enum
 import itertools
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
 
@@ -43,6 +43,9 @@ class Request:
     # Set once the request has waited its patience out: then it may go where every GPU slot is active
     # (slower for that backend, but no request starves behind adapters that stay busy).
     overfill: bool = False
+    # This gateway process's requests waiting to be placed, per adapter of the pool (this request
+    # included): read-only, kept by the router as requests enter and leave its wait loop.
+    waiting: Mapping[str, int] = field(default_factory=dict, hash=False)
 
 
 class PlacementPolicy(Protocol):
@@ -89,7 +92,8 @@ class LruPolicy:
     `target(slots)`, by default 5 of 8 GPU slots (bench/PLACEMENT.md: up to half the slots active cost
     ~2% of throughput, all 8 cost 19%); "room" on a backend is fewer than C requests in flight and fewer
     than T slots taken (active adapters plus loads under way):
-    1. active on a backend with fewer than C requests: USE it there (the backend with the fewest);
+    1. active on a backend with fewer than C requests: USE it there (the backend with the fewest), unless
+       it drains there (below);
     2. registered, idle, on a backend with room: USE it there (activating a registered adapter is free);
     3. being loaded anywhere: WAIT for that load (single flight, fleet-wide);
     4. registered somewhere but active nowhere: WAIT for room at one of its holders ("home") rather than
@@ -99,15 +103,25 @@ class LruPolicy:
        This is also how an adapter whose holders' batches are all full gets a second copy;
     6. else WAIT in the gateway: a request is never queued inside a full backend nor adds an adapter
        beyond T, so it goes to whichever backend has room first ("late binding").
-    A request that has waited its patience out (`overfill`) ignores C and T (and GPU slots), so none
-    starves: it goes to a holder (the fewest requests), else loads wherever capacity or a victim allows.
-    Steps 1 and 2 are `BackendSlots.has_room`, the residency store's `touch` (`prefers_live`)."""
+    Draining: under a backlog the T slots would stay with the adapters that hold them (new requests keep
+    arriving for them), while colder adapters with larger backlogs wait for a slot that rarely frees. So
+    an active adapter with n requests in flight on a backend whose slots are all taken (T) takes no new
+    ones there while some adapter active nowhere, which could use that backend's slot, has at least
+    max(`drain_min`, `drain_ratio` x n) requests waiting in this gateway (`Request.waiting`): its last
+    request ends, the slot frees and goes to the larger group. A group just activated holds its whole
+    backlog in flight, so it is not drained before it has served most of it (no ping-pong).
+    A request that has waited its patience out (`overfill`) ignores C, T and draining (and GPU slots), so
+    none starves: it goes to a holder (the fewest requests), else loads wherever capacity or a victim allows.
+    Steps 1 and 2 are `BackendSlots.has_room`, the residency store's `touch` (`prefers_live`); the router
+    calls `touch` only while nothing waits in it, so draining applies whenever it can matter."""
 
     name = "lru"
     prefers_live = True
 
-    def __init__(self, target_share: float = 5 / 8) -> None:
+    def __init__(self, target_share: float = 5 / 8, drain_ratio: float = 2.0, drain_min: int = 8) -> None:
         self.target_share = target_share
+        self.drain_ratio = drain_ratio
+        self.drain_min = drain_min
 
     def target(self, slots: int) -> int:
         return max(1, min(slots, math.ceil(slots * self.target_share)))
@@ -118,13 +132,43 @@ class LruPolicy:
     def _room(self, request: Request, b: BackendState) -> bool:
         return request.overfill or (self._seat(request, b) and b.slots_taken < self.target(b.slots))
 
+    def _outranked(self, request: Request, b: BackendState, backends: Sequence[BackendState]) -> bool:
+        """Whether larger waiting groups, active nowhere, would take every slot of b this adapter could have
+        there: the free ones (below T) and, if it is active on b, its own (see the class's "Draining")."""
+        if request.overfill or not request.waiting:
+            return False
+        a = request.adapter
+        free = self.target(b.slots) - b.slots_taken
+        need = max(free, 0) + 1 if a in b.inflight else free
+        bar = max(self.drain_min, self.drain_ratio * (b.inflight.get(a, 0) + request.waiting.get(a, 0)))
+        for w, n in request.waiting.items():
+            if n >= bar and w != a and self._could_take(w, b, backends):
+                need -= 1
+                if need <= 0:
+                    return True
+        return False
+
+    @staticmethod
+    def _could_take(w: str, b: BackendState, backends: Sequence[BackendState]) -> bool:
+        """Whether adapter w, were a slot to free on b, would take it: active and loading nowhere, and
+        registered on b, or registered nowhere while b could load it (free capacity or an idle adapter)."""
+        if any(w in o.inflight or w in o.loading for o in backends):
+            return False
+        if w in b.registered:
+            return True
+        if any(w in o.registered for o in backends):
+            return False  # it waits at home, elsewhere
+        return b.occupied < b.capacity or any(x not in b.inflight for x in b.registered)
+
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
         a = request.adapter
         live = [b for b in backends if a in b.inflight]
         seated = [b for b in live if self._seat(request, b)]
         if seated:
-            return Decision(Action.USE, min(seated, key=attrgetter("requests")).id)
-        room = [b for b in backends if self._room(request, b)]
+            kept = [b for b in seated if not self._outranked(request, b, backends)]
+            # Draining everywhere it has a seat: WAIT, its slots go to larger groups (no copy elsewhere).
+            return Decision(Action.USE, min(kept, key=attrgetter("requests")).id) if kept else WAIT
+        room = [b for b in backends if self._room(request, b) and not self._outranked(request, b, backends)]
         idle = [b for b in room if a in b.registered]
         if idle:
             return Decision(Action.USE, min(idle, key=attrgetter("requests")).id)

@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -49,7 +50,7 @@ class Router:
         adapter_root: str,
         local_store: Path | None = None,
         wait_timeout_s: float = 30.0,
-        patience_s: float = 2.0,
+        patience_s: float = 30.0,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -63,6 +64,10 @@ class Router:
         self._rr = itertools.count()
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
         self._fleets: dict[int, _Fleet] = {}
+        # This process's requests told to wait, still in the placement loop: pool -> adapter -> count, no
+        # zero entries (so bounded by the requests waiting). The policy reads it (Request.waiting) to drain adapters that
+        # hold slots while larger groups wait; several replicas each see their own waiters only.
+        self._waiting: dict[str, Counter[str]] = {}
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
         self.on_trouble: Callable[[BackendView], None] | None = None
@@ -113,7 +118,8 @@ class Router:
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
         pool, name = str(adapter.base_model.id), adapter.served_name
         by_id, slots = self._fleet(backends)
-        if self.policy.prefers_live:
+        # The hot path, while nothing waits here: with waiters the policy must see them (draining).
+        if self.policy.prefers_live and not self._waiting.get(pool):
             got = await self.store.touch(pool, name, lease_id, slots)
             if got is not None:
                 return Lease(pool, by_id[got], name, lease_id)
@@ -131,47 +137,60 @@ class Router:
     ) -> Lease:
         name = adapter.served_name
         all_slots = slots
-        request = Request(name, str(adapter.tenant_id), pinned, tenant_cap)
+        waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
+        request = Request(name, str(adapter.tenant_id), pinned, tenant_cap, waiting=waiting)
         started = time.monotonic()
         deadline = started + self.wait_timeout_s
         pause = 0.01
-        while True:
-            if not request.overfill and time.monotonic() - started > self.patience_s:
-                request = dataclasses.replace(request, overfill=True)
-            # A backend found down meanwhile drops out of the choice (unless it is the only one left).
-            slots = [s for s in all_slots if s.id not in self.unhealthy] or all_slots
-            snapshot = await self.store.snapshot(pool, slots)
-            decision = self.policy.decide(request, snapshot)
-            if decision.action is Action.USE and decision.backend is not None:
-                if await self.store.acquire(pool, decision.backend, name, lease_id):
-                    return Lease(pool, by_id[decision.backend], name, lease_id)
-            elif decision.action is Action.LOAD and decision.backend is not None:
-                backend = by_id[decision.backend]
-                target = next(s for s in slots if s.id == decision.backend)
-                r = await self.store.reserve(
-                    pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
-                )
-                if r.outcome is Outcome.OK:
-                    try:
-                        loaded = await self._load(pool, backend, adapter, decision.evict, r.token, lease_id)
-                    except BackendUnavailable as exc:
-                        if not exc.never_reached or len(all_slots) == 1:
-                            raise
-                        await self.mark_down(backend)  # it refused the connection: place it elsewhere
-                        continue
-                    if loaded:
-                        return Lease(pool, backend, name, lease_id)
-                    continue  # fenced out: our lock expired and someone else owns the load now
-                if r.outcome is Outcome.LIVE:
-                    continue  # loaded meanwhile: decide again, without waiting
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable(
-                    f"no backend could take adapter '{adapter.name}' within {self.wait_timeout_s:.0f} s; retry",
-                    headers={"Retry-After": "2"},
-                )
-            # Someone else is loading it, or every slot is busy: poll, backing off up to 200 ms.
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.2)
+        counted = False  # in `waiting` once told to wait
+        try:
+            while True:
+                if not request.overfill and time.monotonic() - started > self.patience_s:
+                    request = dataclasses.replace(request, overfill=True)
+                # A backend found down meanwhile drops out of the choice (unless it is the only one left).
+                slots = [s for s in all_slots if s.id not in self.unhealthy] or all_slots
+                snapshot = await self.store.snapshot(pool, slots)
+                decision = self.policy.decide(request, snapshot)
+                if decision.action is Action.USE and decision.backend is not None:
+                    if await self.store.acquire(pool, decision.backend, name, lease_id):
+                        return Lease(pool, by_id[decision.backend], name, lease_id)
+                elif decision.action is Action.LOAD and decision.backend is not None:
+                    backend = by_id[decision.backend]
+                    target = next(s for s in slots if s.id == decision.backend)
+                    r = await self.store.reserve(
+                        pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
+                    )
+                    if r.outcome is Outcome.OK:
+                        try:
+                            loaded = await self._load(
+                                pool, backend, adapter, decision.evict, r.token, lease_id
+                            )
+                        except BackendUnavailable as exc:
+                            if not exc.never_reached or len(all_slots) == 1:
+                                raise
+                            await self.mark_down(backend)  # it refused the connection: place it elsewhere
+                            continue
+                        if loaded:
+                            return Lease(pool, backend, name, lease_id)
+                        continue  # fenced out: our lock expired and someone else owns the load now
+                    if r.outcome is Outcome.LIVE:
+                        continue  # loaded meanwhile: decide again, without waiting
+                if time.monotonic() > deadline:
+                    raise ServiceUnavailable(
+                        f"no backend could take adapter '{adapter.name}' within {self.wait_timeout_s:.0f} s; retry",
+                        headers={"Retry-After": "2"},
+                    )
+                # Someone else is loading it, or every slot is busy: poll, backing off up to 200 ms.
+                if not counted:
+                    waiting[name] += 1
+                    counted = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+        finally:
+            if counted:
+                waiting[name] -= 1
+                if not waiting[name]:
+                    del waiting[name]
 
     async def _load(
         self,

@@ -211,3 +211,50 @@ class TestBaselines:
     def test_make_policy(self) -> None:
         assert make_policy("lru").name == "lru"
         assert make_policy("round-robin").prefers_live is False
+
+
+class TestLruDrain:
+    """Draining: an active adapter at a full target gives its slot up to a clearly larger waiting group."""
+
+    policy = LruPolicy(drain_ratio=2.0, drain_min=4)  # target(2) = 2
+
+    def full(self, **kw: object) -> BackendState:
+        return backend(
+            "b1",
+            registered={"x": 1.0, "y": 1.0, "w": 1.0},
+            inflight={"x": 2, "y": 5},
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def test_joins_while_no_larger_group_waits(self) -> None:
+        assert self.policy.decide(Request("x", "t1", waiting={"w": 3}), [self.full()]) == Decision(
+            Action.USE, "b1"
+        )
+
+    def test_drains_for_a_group_at_least_twice_its_size(self) -> None:
+        assert self.policy.decide(Request("x", "t1", waiting={"w": 4}), [self.full()]) == Decision(
+            Action.WAIT
+        )
+        # y holds 5: it keeps its slot; the drained adapter's own waiters count as what it holds.
+        assert self.policy.decide(Request("y", "t1", waiting={"w": 4}), [self.full()]).action is Action.USE
+        assert (
+            self.policy.decide(Request("x", "t1", waiting={"w": 4, "x": 1}), [self.full()]).action
+            is Action.USE
+        )
+
+    def test_no_drain_below_the_target_or_when_overfilled(self) -> None:
+        b = backend("b1", slots=4, registered={"x": 1.0, "w": 1.0}, inflight={"x": 1})  # 1 of 3 taken
+        assert self.policy.decide(Request("x", "t1", waiting={"w": 9}), [b]).action is Action.USE
+        over = Request("x", "t1", overfill=True, waiting={"w": 9})
+        assert self.policy.decide(over, [self.full()]).action is Action.USE
+
+    def test_no_drain_for_a_group_that_could_not_take_the_slot(self) -> None:
+        other = backend("b2", registered={"w": 1.0})  # w waits at home on b2, not for b1
+        b1 = backend("b1", registered={"x": 1.0, "y": 1.0}, inflight={"x": 1, "y": 1})
+        assert self.policy.decide(Request("x", "t1", waiting={"w": 9}), [b1, other]).action is Action.USE
+
+    def test_a_free_slot_goes_to_the_larger_group(self) -> None:
+        b = backend("b1", registered={"x": 1.0, "w": 1.0, "y": 1.0}, inflight={"y": 1})  # one slot free
+        assert self.policy.decide(Request("x", "t1", waiting={"x": 1, "w": 4}), [b]) == Decision(Action.WAIT)
+        assert self.policy.decide(Request("x", "t1", waiting={"x": 3, "w": 4}), [b]).action is Action.USE
+        assert self.policy.decide(Request("x", "t1"), [b]).action is Action.USE
