@@ -112,9 +112,12 @@ def demo(
     vllm_port: Annotated[int, typer.Option(help="port for the vLLM CPU server")] = 8001,
 ) -> None:
     """Everything on embedded defaults: tiny model, vLLM (CPU build), gateway, demo tenant (make run)."""
+    from alembic import command
+
     from app.devkit import demo as demo_mod
 
     settings = get_settings()
+    command.upgrade(alembic_config(settings.DATABASE_URL), "head")  # run on its own, it needs the schema too
     key, _ = ensure_admin_key(settings)
     settings = settings.model_copy(update={"ADMIN_API_KEY": SecretStr(key)})
     demo_mod.main(settings, admin_key=key, vllm_venv=vllm_venv, vllm_port=vllm_port)
