@@ -65,8 +65,8 @@ class Router:
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
         self._fleets: dict[int, _Fleet] = {}
         # This process's requests told to wait, still in the placement loop: pool -> adapter -> count, no
-        # zero entries (so bounded by the requests waiting). The policy reads it (Request.waiting) to drain adapters that
-        # hold slots while larger groups wait; several replicas each see their own waiters only.
+        # zero entries (so bounded by the requests waiting). The policy reads it (Request.waiting) to drain
+        # adapters that hold slots while larger groups wait; several replicas each see their own waiters only.
         self._waiting: dict[str, Counter[str]] = {}
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
@@ -177,7 +177,8 @@ class Router:
                         continue  # loaded meanwhile: decide again, without waiting
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(
-                        f"no backend could take adapter '{adapter.name}' within {self.wait_timeout_s:.0f} s; retry",
+                        f"no backend could take adapter '{adapter.name}' "
+                        f"within {self.wait_timeout_s:.0f} s; retry",
                         headers={"Retry-After": "2"},
                     )
                 # Someone else is loading it, or every slot is busy: poll, backing off up to 200 ms.
