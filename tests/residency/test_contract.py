@@ -184,7 +184,9 @@ class TestLruAndEviction:
     async def test_swap_allowed_above_capacity(self, store: ResidencyStore) -> None:
         # Rebuilt from a backend that holds more than its capacity (say, after Redis lost everything).
         await store.reconcile(POOL, "b1", {"a", "b", "c", "d"}, known_before=set())
-        assert (await store.reserve(POOL, B1, "e", "t1", victim=None, tenant_cap=None)).outcome is Outcome.FULL
+        assert (
+            await store.reserve(POOL, B1, "e", "t1", victim=None, tenant_cap=None)
+        ).outcome is Outcome.FULL
         assert (await store.reserve(POOL, B1, "e", "t1", victim="a", tenant_cap=None)).outcome is Outcome.OK
 
     async def test_inflight_adapter_is_never_evicted(self, store: ResidencyStore) -> None:

@@ -125,7 +125,9 @@ async def test_a_caller_that_leaves_mid_touch_leaves_no_lease_behind(store: Redi
     assert (await store.snapshot(POOL, [BIG]))[0].inflight == {"a": 1}
 
 
-async def test_redis_down_fails_every_caller_and_recovers(store: RedisResidency, server: PrivateRedis) -> None:
+async def test_redis_down_fails_every_caller_and_recovers(
+    store: RedisResidency, server: PrivateRedis
+) -> None:
     await _register(store, "a")
     server.stop()
     results = await asyncio.wait_for(
