@@ -68,10 +68,11 @@ end
 
 # The hot path's two calls, batched: every touch and release made by this process in one event-loop
 # iteration (and while the previous batch was on its way) travels as one script call.
-# ARGV: lease_ms, then operations, each one of
-#   'T', adapter, lease, n, then n x (backend id, slots, seats, target; 0 for none): touch; result the
-#     backend chosen, or ''
-#   'R', backend, adapter, lease: release; result 1
+# ARGV: lease_ms, then one argument per operation, its fields separated by spaces (one argument, not
+# several, because packing arguments is most of the client's cost):
+#   'T adapter lease' then per backend ' id slots seats target' (0 for none): touch; result the backend
+#     chosen, or ''
+#   'R backend adapter lease': release; result 1
 # Returns one result per operation, in order. Each operation is atomic (the whole batch is).
 # Touch applies BackendSlots.has_room: a free seat (requests < seats), and the adapter active there
 # already or the active adapters plus loads under way below min(target, slots); among the holders that
@@ -81,10 +82,11 @@ _HOT = (
     + """
 local lease_ms = tonumber(ARGV[1])
 
-local function touch(a, lease, first, n)
+local function touch(f)
+  local a, lease = f[2], f[3]
   local best, best_key = nil, nil
-  for i = first, first + 4 * (n - 1), 4 do
-    local b, slots, seats, target = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  for i = 4, #f, 4 do
+    local b, slots, seats, target = f[i], tonumber(f[i + 1]), tonumber(f[i + 2]), tonumber(f[i + 3])
     if redis.call('ZSCORE', P .. 'reg:' .. b, a) then
       local mine = inflight(b, a)
       local active, requests = usage(b)
@@ -109,15 +111,14 @@ local function release(b, a, lease)
   return 1
 end
 
-local out, i = {}, 2
-while i <= #ARGV do
-  if ARGV[i] == 'T' then
-    local n = tonumber(ARGV[i + 3])
-    table.insert(out, touch(ARGV[i + 1], ARGV[i + 2], i + 4, n))
-    i = i + 4 + 4 * n
+local out = {}
+for i = 2, #ARGV do
+  local f = {}
+  for word in string.gmatch(ARGV[i], '%S+') do f[#f + 1] = word end
+  if f[1] == 'T' then
+    out[#out + 1] = touch(f)
   else
-    table.insert(out, release(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]))
-    i = i + 4
+    out[#out + 1] = release(f[2], f[3], f[4])
   end
 end
 return out
@@ -298,30 +299,44 @@ class _HotBatch:
 
     def __init__(self, script: AsyncScript, key: str, lease_ms: int) -> None:
         self.script, self.key, self.lease_ms = script, key, lease_ms
-        self.ops: list[Any] = []
+        self.ops: list[str] = []
         self.waiters: list[asyncio.Future[Any] | None] = []
         self.running = False
+        self.timer: asyncio.TimerHandle | None = None
 
-    def submit(self, op: list[Any], *, wait: bool = True) -> asyncio.Future[Any] | None:
+    def submit(self, op: str, *, wait: bool = True) -> asyncio.Future[Any] | None:
+        """Queues an operation. One nobody waits for (a release at the end of a response) rides with
+        the next batch, or leaves on its own after DEFERRED_S: so a touch rarely finds a batch of
+        releases on its way, which it would have to wait behind (order is kept: one batch at a time)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future() if wait else None
-        self.ops += op
+        self.ops.append(op)
         self.waiters.append(fut)
-        if not self.running:
-            self.running = True
-            loop.call_soon(self._start)
+        if wait:
+            self._start(loop)
+        elif self.timer is None and not self.running:
+            self.timer = loop.call_later(DEFERRED_S, self._start, loop)
         return fut
 
-    def _start(self) -> None:
-        # Runs once the tasks that were ready alongside the first caller have queued theirs too.
-        task = asyncio.ensure_future(self._drain())
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.running or not self.waiters:
+            return
+        self.running = True
+        # The task's first step runs after the callbacks already ready in this loop iteration, so the
+        # callers that run alongside this one queue their operations into the same batch.
+        task = loop.create_task(self._drain())
         _BACKGROUND.add(task)
         task.add_done_callback(_BACKGROUND.discard)
 
     async def _drain(self) -> None:
         waiters: list[asyncio.Future[Any] | None] = []
+        first = True  # the first batch goes whatever it holds (the timer starts a drain for releases)
         try:
-            while self.waiters:
+            while self.waiters and (first or any(w is not None for w in self.waiters)):
+                first = False
                 ops, waiters = self.ops, self.waiters
                 self.ops, self.waiters = [], []
                 try:
@@ -332,27 +347,26 @@ class _HotBatch:
                     _fail(waiters, exc)
                     continue
                 self._deliver(ops, waiters, results)
-        finally:
-            self.running = False
-            # Only if the drain itself died (a bug, shutdown): nobody may wait for an answer forever.
+        except BaseException:
+            # The drain itself died (a bug, shutdown): nobody may wait for an answer forever.
             _fail(waiters + self.waiters, RedisError("residency batch stopped"))
             self.ops, self.waiters = [], []
+            raise
+        finally:
+            self.running = False
+        if self.waiters:  # only releases nobody waits for: they ride with the next batch, or leave soon
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(DEFERRED_S, self._start, loop)
 
-    def _deliver(self, ops: list[Any], waiters: list[asyncio.Future[Any] | None], results: list[Any]) -> None:
-        i = 0
-        for w, r in zip(waiters, results, strict=True):
-            op = ops[i]
-            if op == "T":
-                adapter, lease, n = ops[i + 1], ops[i + 2], ops[i + 3]
-                i += 4 + 4 * n
-            else:
-                i += 4
+    def _deliver(self, ops: list[str], waiters: list[asyncio.Future[Any] | None], results: list[Any]) -> None:
+        for op, w, r in zip(ops, waiters, results, strict=True):
             if w is None:
                 continue
             if not w.cancelled():
                 w.set_result(r)
-            elif op == "T" and r:  # the caller left: give back the lease taken for it
-                self.submit(["R", _s(r), adapter, lease], wait=False)
+            elif r and op.startswith("T "):  # the caller left: give back the lease taken for it
+                _, adapter, lease = op.split(" ", 3)[:3]
+                self.submit(f"R {_s(r)} {adapter} {lease}", wait=False)
 
 
 def _fail(waiters: list[asyncio.Future[Any] | None], exc: BaseException) -> None:
@@ -362,6 +376,8 @@ def _fail(waiters: list[asyncio.Future[Any] | None], exc: BaseException) -> None
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+# How long a release nobody waits for may wait for a batch to ride with.
+DEFERRED_S = 0.005
 
 
 class RedisResidency:
@@ -374,6 +390,7 @@ class RedisResidency:
         self.lease_ms = int(lease_ttl_s * 1000)
         self._hot = redis.register_script(_HOT)
         self._batches: dict[str, _HotBatch] = {}  # one per pool (base model)
+        self._encodings: dict[int, tuple[Sequence[BackendSlots], str]] = {}
         self._acquire = redis.register_script(_ACQUIRE)
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._reserve = redis.register_script(_RESERVE)
@@ -387,6 +404,18 @@ class RedisResidency:
     def _key(self, pool: str) -> str:
         return f"{self.prefix}:{{{pool}}}:"
 
+    def _encoded(self, backends: Sequence[BackendSlots]) -> str:
+        """The backends' part of a touch; the router passes the same list object until its backends
+        change, so it is encoded once per list (held, so its id stays unique)."""
+        hit = self._encodings.get(id(backends))
+        if hit is not None and hit[0] is backends:
+            return hit[1]
+        text = "".join(f" {b.id} {b.slots} {b.seats or 0} {b.target or 0}" for b in backends)
+        if len(self._encodings) >= 64:
+            self._encodings.clear()
+        self._encodings[id(backends)] = (backends, text)
+        return text
+
     def _batch(self, pool: str) -> _HotBatch:
         batch = self._batches.get(pool)
         if batch is None:
@@ -396,10 +425,7 @@ class RedisResidency:
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
-        args: list[Any] = ["T", adapter, lease, len(backends)]
-        for b in backends:
-            args += [b.id, b.slots, b.seats or 0, b.target or 0]
-        fut = self._batch(pool).submit(args)
+        fut = self._batch(pool).submit(f"T {adapter} {lease}{self._encoded(backends)}")
         assert fut is not None
         return _s(await fut) or None
 
@@ -409,12 +435,12 @@ class RedisResidency:
         )
 
     async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None:
-        fut = self._batch(pool).submit(["R", backend, adapter, lease])
+        fut = self._batch(pool).submit(f"R {backend} {adapter} {lease}")
         assert fut is not None
         await asyncio.shield(fut)
 
     def release_nowait(self, pool: str, backend: str, adapter: str, lease: str) -> None:
-        self._batch(pool).submit(["R", backend, adapter, lease], wait=False)
+        self._batch(pool).submit(f"R {backend} {adapter} {lease}", wait=False)
 
     async def snapshot(self, pool: str, backends: Sequence[BackendSlots]) -> list[BackendState]:
         raw = await self._snapshot(keys=[self._key(pool)], args=[b.id for b in backends])
