@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -117,7 +118,7 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
     )
     console.print(f"starting vLLM (CPU build) on port {vllm_port}; log: {data / 'vllm.log'} ...")
     vllm.start()
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             create_app(settings),
             host=settings.HOST,
@@ -127,6 +128,10 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
             log_level="warning",
         )
     )
+    # Ctrl-C or SIGTERM ends the gateway; the finally below then stops vLLM too.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.handle_exit, sig, None)
     serving = asyncio.create_task(server.serve())
     url = f"http://{settings.HOST}:{settings.PORT}"
     try:
@@ -158,9 +163,17 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
         vllm.stop()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal capture: it re-raises the signal once the server is down, which ends the
+    event loop before the demo could stop vLLM (a KeyboardInterrupt inside a task leaves the loop at
+    once). The demo installs its own handlers instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def main(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_port: int) -> None:
     import uvloop
 
-    # uvicorn's own signal handling only sets should_exit; the finally above then stops vLLM too.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     uvloop.run(run_demo(settings, admin_key=admin_key, vllm_venv=vllm_venv, vllm_port=vllm_port))
