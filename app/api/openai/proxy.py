@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IGNORED_HEADER = "X-LoRA-Gateway-Warning"
+# A client leaving is noticed once its request has run this long (see Disconnect).
+WATCH_AFTER_S = 0.05
 IGNORED_TEXT = "lora_request.lora_path was ignored: adapters are resolved by name from the registry"
 _JSON = "application/json"
 
@@ -202,15 +204,25 @@ class _Releaser:
 
 
 class Disconnect:
-    """Watches one request for its client leaving (one task for the request's whole life, started once
-    the body is read). While `run` awaits something, leaving cancels it: vLLM then aborts the generation,
-    because the gateway drops the upstream connection. `on_gone`, when set, is called instead."""
+    """Watches one request for its client leaving (one task for the request's whole life, once the body
+    is read). While `run` awaits something, leaving cancels it: vLLM then aborts the generation, because
+    the gateway drops the upstream connection. `on_gone`, when set, is called instead.
 
-    __slots__ = ("gone", "on_gone", "watcher")
+    The watcher starts only once the request has taken WATCH_AFTER_S: most of a fast request's cost would
+    otherwise be this task, and a generation worth aborting runs far longer than that."""
+
+    __slots__ = ("gone", "on_gone", "timer", "watcher")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
         self.on_gone: Callable[[], object] | None = None
+        self.watcher: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            WATCH_AFTER_S, self._start, receive
+        )
+
+    def _start(self, receive: Receive) -> None:
+        self.timer = None
         self.watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
@@ -240,7 +252,10 @@ class Disconnect:
             self.on_gone = None
 
     def close(self) -> None:
-        self.watcher.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class ClientGone(Exception):
