@@ -302,41 +302,26 @@ class _HotBatch:
         self.ops: list[str] = []
         self.waiters: list[asyncio.Future[Any] | None] = []
         self.running = False
-        self.timer: asyncio.TimerHandle | None = None
 
     def submit(self, op: str, *, wait: bool = True) -> asyncio.Future[Any] | None:
-        """Queues an operation. One nobody waits for (a release at the end of a response) rides with
-        the next batch, or leaves on its own after DEFERRED_S: so a touch rarely finds a batch of
-        releases on its way, which it would have to wait behind (order is kept: one batch at a time)."""
+        """Queues an operation; `wait=False` for one nobody waits for (a release at the end of a response)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future() if wait else None
         self.ops.append(op)
         self.waiters.append(fut)
-        if wait:
-            self._start(loop)
-        elif self.timer is None and not self.running:
-            self.timer = loop.call_later(DEFERRED_S, self._start, loop)
+        if not self.running:
+            self.running = True
+            # The task's first step runs after the callbacks already ready in this loop iteration, so the
+            # callers that run alongside this one queue their operations into the same batch.
+            task = loop.create_task(self._drain())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
         return fut
-
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.running or not self.waiters:
-            return
-        self.running = True
-        # The task's first step runs after the callbacks already ready in this loop iteration, so the
-        # callers that run alongside this one queue their operations into the same batch.
-        task = loop.create_task(self._drain())
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
 
     async def _drain(self) -> None:
         waiters: list[asyncio.Future[Any] | None] = []
-        first = True  # the first batch goes whatever it holds (the timer starts a drain for releases)
         try:
-            while self.waiters and (first or any(w is not None for w in self.waiters)):
-                first = False
+            while self.waiters:
                 ops, waiters = self.ops, self.waiters
                 self.ops, self.waiters = [], []
                 try:
@@ -354,9 +339,6 @@ class _HotBatch:
             raise
         finally:
             self.running = False
-        if self.waiters:  # only releases nobody waits for: they ride with the next batch, or leave soon
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(DEFERRED_S, self._start, loop)
 
     def _deliver(self, ops: list[str], waiters: list[asyncio.Future[Any] | None], results: list[Any]) -> None:
         for op, w, r in zip(ops, waiters, results, strict=True):
@@ -376,8 +358,6 @@ def _fail(waiters: list[asyncio.Future[Any] | None], exc: BaseException) -> None
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
-# How long a release nobody waits for may wait for a batch to ride with.
-DEFERRED_S = 0.005
 
 
 class RedisResidency:

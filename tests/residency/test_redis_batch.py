@@ -141,7 +141,7 @@ async def test_redis_down_fails_every_caller_and_recovers(
     assert await store.touch(POOL, "a", "after", [BIG]) == "b1"
 
 
-async def test_a_release_nobody_waits_for_rides_with_the_next_touch(store: RedisResidency) -> None:
+async def test_a_release_nobody_waits_for_rides_with_a_touch_issued_with_it(store: RedisResidency) -> None:
     await _register(store, "a")
     assert await store.touch(POOL, "a", "first", [BIG]) == "b1"
     before = await _script_calls(store)
@@ -155,5 +155,5 @@ async def test_a_release_nobody_waits_for_leaves_on_its_own(store: RedisResidenc
     await _register(store, "a")
     assert await store.touch(POOL, "a", "only", [BIG]) == "b1"
     store.release_nowait(POOL, "b1", "a", "only")
-    await asyncio.sleep(0.1)  # no other call comes: it goes after a few milliseconds by itself
+    await asyncio.sleep(0.1)  # no other call comes: it goes by itself
     assert (await store.snapshot(POOL, [BIG]))[0].inflight == {}
