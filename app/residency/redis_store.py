@@ -11,6 +11,7 @@ that may have leases), :fence (counter)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -351,6 +352,12 @@ class _HotBatch:
                 self.submit(f"R {_s(r)} {adapter} {lease}", wait=False)
 
 
+@functools.lru_cache(maxsize=64)
+def _encode_backends(backends: tuple[BackendSlots, ...]) -> str:
+    """A touch's backend part; the same few backend lists come back on every request."""
+    return "".join(f" {b.id} {b.slots} {b.seats or 0} {b.target or 0}" for b in backends)
+
+
 def _fail(waiters: list[asyncio.Future[Any] | None], exc: BaseException) -> None:
     for w in waiters:
         if w is not None and not w.done():
@@ -370,7 +377,6 @@ class RedisResidency:
         self.lease_ms = int(lease_ttl_s * 1000)
         self._hot = redis.register_script(_HOT)
         self._batches: dict[str, _HotBatch] = {}  # one per pool (base model)
-        self._encodings: dict[int, tuple[Sequence[BackendSlots], str]] = {}
         self._acquire = redis.register_script(_ACQUIRE)
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._reserve = redis.register_script(_RESERVE)
@@ -384,18 +390,6 @@ class RedisResidency:
     def _key(self, pool: str) -> str:
         return f"{self.prefix}:{{{pool}}}:"
 
-    def _encoded(self, backends: Sequence[BackendSlots]) -> str:
-        """The backends' part of a touch; the router passes the same list object until its backends
-        change, so it is encoded once per list (held, so its id stays unique)."""
-        hit = self._encodings.get(id(backends))
-        if hit is not None and hit[0] is backends:
-            return hit[1]
-        text = "".join(f" {b.id} {b.slots} {b.seats or 0} {b.target or 0}" for b in backends)
-        if len(self._encodings) >= 64:
-            self._encodings.clear()
-        self._encodings[id(backends)] = (backends, text)
-        return text
-
     def _batch(self, pool: str) -> _HotBatch:
         batch = self._batches.get(pool)
         if batch is None:
@@ -405,7 +399,7 @@ class RedisResidency:
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
-        fut = self._batch(pool).submit(f"T {adapter} {lease}{self._encoded(backends)}")
+        fut = self._batch(pool).submit(f"T {adapter} {lease}{_encode_backends(tuple(backends))}")
         assert fut is not None
         return _s(await fut) or None
 
