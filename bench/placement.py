@@ -536,7 +536,7 @@ def make_policy(name: str, seed: int) -> tuple[PlacementPolicy, bool]:
         return POLICIES[name](seed), name in PURE
     kind, _, n = name.rpartition("-")
     if kind == "lru" and n.isdigit() and 1 <= int(n) <= SLOTS:
-        policy = LruPolicy(target_share=int(n) / SLOTS)
+        policy = LruPolicy(target_share=int(n) / SLOTS, target_floor=1)
         policy.name = name
         return policy, True
     raise SystemExit(f"unknown policy {name!r}: {', '.join(POLICIES)} or lru-N (N: 1..{SLOTS})")

@@ -10,7 +10,7 @@ import enum
 import itertools
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
@@ -86,12 +86,25 @@ def _load_or_evict(request: Request, b: BackendState) -> Decision | None:
     return Decision(Action.LOAD, b.id, victim) if victim is not None else None
 
 
+class _Fleet:
+    """What draining asks of every backend, gathered once per decision."""
+
+    __slots__ = ("engaged", "homed")
+
+    def __init__(self, backends: Sequence[BackendState]) -> None:
+        self.engaged: set[str] = set()  # active or loading somewhere
+        self.homed: set[str] = set()  # registered somewhere
+        for b in backends:
+            self.engaged.update(b.inflight, b.loading)
+            self.homed.update(b.registered)
+
+
 class LruPolicy:
-    """Keeps each backend near its target T of active adapters and its batches full, and never thrashes.
+    """Keeps each backend near its target T of open adapters and its batches full, and never thrashes.
     C is a backend's batch size (`seats`, vLLM's --max-num-seqs; unknown: no seat rule); T is
-    `target(slots)`, by default 5 of 8 GPU slots (bench/PLACEMENT.md: up to half the slots active cost
-    ~2% of throughput, all 8 cost 19%); "room" on a backend is fewer than C requests in flight and fewer
-    than T slots taken (active adapters plus loads under way):
+    `target(slots)`: 4 of 8 GPU slots by default, never fewer than 4 (bench/PLACEMENT.md: up to 4 active
+    adapters cost ~2% of throughput, each one more ~4.5%, all 8 cost 19%); "room" on a backend is fewer
+    than C requests in flight and fewer than T slots taken (active adapters plus loads under way):
     1. active on a backend with fewer than C requests: USE it there (the backend with the fewest), unless
        it drains there (below);
     2. registered, idle, on a backend with room: USE it there (activating a registered adapter is free);
@@ -104,71 +117,150 @@ class LruPolicy:
     6. else WAIT in the gateway: a request is never queued inside a full backend nor adds an adapter
        beyond T, so it goes to whichever backend has room first ("late binding").
     Draining: under a backlog the T slots would stay with the adapters that hold them (new requests keep
-    arriving for them), while colder adapters with larger backlogs wait for a slot that rarely frees. So
-    an active adapter with n requests in flight on a backend whose slots are all taken (T) takes no new
-    ones there while some adapter active nowhere, which could use that backend's slot, has at least
-    max(`drain_min`, `drain_ratio` x n) requests waiting in this gateway (`Request.waiting`): its last
-    request ends, the slot frees and goes to the larger group. A group just activated holds its whole
-    backlog in flight, so it is not drained before it has served most of it (no ping-pong).
+    arriving for them), while colder adapters with larger backlogs wait for a slot that rarely frees.
+    Per backend, the largest groups waiting in this gateway (`Request.waiting`, at least `drain_min`
+    requests, active nowhere and able to take a slot there) first take its free slots below T; each
+    further one displaces the weakest active adapter (fewest requests in flight plus waiting) if it is at
+    least `drain_ratio` x larger: one drains for one claimer, never a whole backend for one group. A
+    draining adapter takes no new requests there; its last ones run out and its slot goes back.
+    Handover: the claimer need not wait for that. Every drained adapter lets one claimer in at once in a
+    slot above T, up to `ceiling(slots)` = T + `handover` (at most the GPU slots), so the seats a draining
+    adapter leaves are refilled as they free; while more than T slots are taken and a claimer waits, the
+    weakest adapters beyond T drain too, which brings the backend back to T.
     A request that has waited its patience out (`overfill`) ignores C, T and draining (and GPU slots), so
     none starves: it goes to a holder (the fewest requests), else loads wherever capacity or a victim allows.
     Steps 1 and 2 are `BackendSlots.has_room`, the residency store's `touch` (`prefers_live`); the router
-    calls `touch` only while nothing waits in it, so draining applies whenever it can matter."""
+    calls `touch` only while nothing waits in it, so draining applies whenever it can matter (with nothing
+    waiting, nothing drains and no slot above T is used: `decide` and `touch` agree)."""
 
     name = "lru"
     prefers_live = True
 
-    def __init__(self, target_share: float = 5 / 8, drain_ratio: float = 2.0, drain_min: int = 8) -> None:
+    def __init__(
+        self,
+        target_share: float = 1 / 2,
+        target_floor: int = 4,
+        handover: int = 2,
+        drain_ratio: float = 2.0,
+        drain_min: int = 8,
+    ) -> None:
         self.target_share = target_share
+        self.target_floor = target_floor
+        self.handover = handover
         self.drain_ratio = drain_ratio
         self.drain_min = drain_min
 
     def target(self, slots: int) -> int:
-        return max(1, min(slots, math.ceil(slots * self.target_share)))
+        return max(1, min(slots, max(self.target_floor, math.ceil(slots * self.target_share))))
+
+    def ceiling(self, slots: int) -> int:
+        """Slots a backend may have taken while drained adapters hand theirs over."""
+        return min(slots, self.target(slots) + self.handover)
 
     def _seat(self, request: Request, b: BackendState) -> bool:
         return request.overfill or b.seats is None or b.requests < b.seats
 
-    def _room(self, request: Request, b: BackendState) -> bool:
-        return request.overfill or (self._seat(request, b) and b.slots_taken < self.target(b.slots))
+    def _groups(self, request: Request) -> list[tuple[str, int]]:
+        """This gateway's waiting groups large enough to claim a slot, largest first."""
+        if request.overfill:
+            return []
+        big = [(w, n) for w, n in request.waiting.items() if n >= self.drain_min]
+        big.sort(key=lambda g: -g[1])
+        return big
 
-    def _outranked(self, request: Request, b: BackendState, backends: Sequence[BackendState]) -> bool:
-        """Whether larger waiting groups, active nowhere, would take every slot of b this adapter could have
-        there: the free ones (below T) and, if it is active on b, its own (see the class's "Draining")."""
-        if request.overfill or not request.waiting:
+    def _strength(self, a: str, b: BackendState, request: Request) -> int:
+        return b.inflight.get(a, 0) + request.waiting.get(a, 0)
+
+    def _drained(
+        self,
+        request: Request,
+        b: BackendState,
+        fleet: _Fleet,
+        groups: list[tuple[str, int]],
+    ) -> list[str]:
+        """The adapters active on b that take no new requests there (see the class's "Draining")."""
+        if not groups or not b.inflight:
+            return []
+        t, taken = self.target(b.slots), b.slots_taken
+        claimers: list[int] = []
+        for w, n in groups:
+            if len(claimers) >= len(b.inflight) + t:
+                break
+            if self._could_take(w, b, fleet):
+                claimers.append(n)
+        del claimers[: max(t - taken, 0)]  # the largest take the free slots below T
+        if not claimers:
+            return []
+        active = sorted(b.inflight, key=lambda a: (self._strength(a, b, request), a))
+        excess = max(taken - t, 0)
+        drained = active[:excess]  # handovers went above T: the weakest give their slots back
+        for n, a in zip(claimers, active[excess:], strict=False):
+            if n < max(self.drain_min, self.drain_ratio * self._strength(a, b, request)):
+                break
+            drained.append(a)
+        return drained
+
+    def _room(
+        self,
+        request: Request,
+        b: BackendState,
+        fleet: _Fleet,
+        groups: list[tuple[str, int]],
+        drained: Callable[[BackendState], list[str]],
+    ) -> bool:
+        """Whether the adapter, active nowhere on b, may take a slot there now."""
+        if request.overfill:
+            return True
+        if not self._seat(request, b) or b.slots_taken >= self.ceiling(b.slots):
             return False
-        a = request.adapter
-        free = self.target(b.slots) - b.slots_taken
-        need = max(free, 0) + 1 if a in b.inflight else free
-        bar = max(self.drain_min, self.drain_ratio * (b.inflight.get(a, 0) + request.waiting.get(a, 0)))
-        for w, n in request.waiting.items():
-            if n >= bar and w != a and self._could_take(w, b, backends):
-                need -= 1
-                if need <= 0:
-                    return True
-        return False
+        t = self.target(b.slots)
+        free = t - b.slots_taken
+        if free <= 0 and groups:
+            free += len(drained(b))  # handover: each drained adapter frees a slot above T at once
+        if free <= 0:
+            return False
+        # Left to larger groups if they would take every such slot.
+        bar = max(self.drain_min, self.drain_ratio * request.waiting.get(request.adapter, 0))
+        larger = 0
+        for w, n in groups:
+            if n < bar:
+                break
+            if w != request.adapter and self._could_take(w, b, fleet):
+                larger += 1
+                if larger >= free:
+                    return False
+        return True
 
     @staticmethod
-    def _could_take(w: str, b: BackendState, backends: Sequence[BackendState]) -> bool:
+    def _could_take(w: str, b: BackendState, fleet: _Fleet) -> bool:
         """Whether adapter w, were a slot to free on b, would take it: active and loading nowhere, and
         registered on b, or registered nowhere while b could load it (free capacity or an idle adapter)."""
-        if any(w in o.inflight or w in o.loading for o in backends):
+        if w in fleet.engaged:
             return False
         if w in b.registered:
             return True
-        if any(w in o.registered for o in backends):
+        if w in fleet.homed:
             return False  # it waits at home, elsewhere
         return b.occupied < b.capacity or any(x not in b.inflight for x in b.registered)
 
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
         a = request.adapter
+        groups = self._groups(request)
+        fleet = _Fleet(backends if groups else ())
+        plans: dict[str, list[str]] = {}
+
+        def drained(b: BackendState) -> list[str]:
+            if b.id not in plans:
+                plans[b.id] = self._drained(request, b, fleet, groups)
+            return plans[b.id]
+
         live = [b for b in backends if a in b.inflight]
         seated = [b for b in live if self._seat(request, b)]
         if seated:
-            kept = [b for b in seated if not self._outranked(request, b, backends)]
+            kept = [b for b in seated if a not in drained(b)]
             # Draining everywhere it has a seat: WAIT, its slots go to larger groups (no copy elsewhere).
             return Decision(Action.USE, min(kept, key=attrgetter("requests")).id) if kept else WAIT
-        room = [b for b in backends if self._room(request, b) and not self._outranked(request, b, backends)]
+        room = [b for b in backends if self._room(request, b, fleet, groups, drained)]
         idle = [b for b in room if a in b.registered]
         if idle:
             return Decision(Action.USE, min(idle, key=attrgetter("requests")).id)

@@ -113,11 +113,14 @@ class TestLru:
 class TestLruSeatsAndTarget:
     """The rules that keep batches full and each backend near its target T of active adapters."""
 
-    policy = LruPolicy()  # T = 5 of 8 slots
+    policy = LruPolicy()  # T = 4 of 8 slots
 
     def test_target_derives_from_slots(self) -> None:
-        assert [self.policy.target(s) for s in (1, 2, 4, 8, 16)] == [1, 2, 3, 5, 10]
+        # Half the slots, but never fewer than 4 (the flat part of the measured cost curve).
+        assert [self.policy.target(s) for s in (1, 2, 4, 8, 16)] == [1, 2, 4, 4, 8]
+        assert [self.policy.ceiling(s) for s in (1, 2, 4, 8, 16)] == [1, 2, 4, 6, 10]
         assert LruPolicy(target_share=1.0).target(8) == 8
+        assert LruPolicy(target_share=3 / 8, target_floor=1).target(8) == 3
         assert RoundRobinPolicy().target(8) == 8
 
     def test_joins_an_active_adapter_only_where_a_seat_is_free(self) -> None:
@@ -142,22 +145,22 @@ class TestLruSeatsAndTarget:
         assert self.policy.decide(REQ, [holder, other, spare]) == Decision(Action.LOAD, "b3")
 
     def test_no_idle_adapter_activated_at_the_target(self) -> None:
-        five = {f"a{i}": 1 for i in range(5)}
-        at_target = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(five, 1.0)},
-                            inflight=five)  # fmt: skip
+        four = {f"a{i}": 1 for i in range(4)}
+        at_target = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(four, 1.0)},
+                            inflight=four)  # fmt: skip
         assert self.policy.decide(REQ, [at_target]).action is Action.WAIT
         # A load under way counts against the target too.
-        four = {f"a{i}": 1 for i in range(4)}
-        loading = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(four, 1.0)},
-                          inflight=four, loading={"c"})  # fmt: skip
+        three = {f"a{i}": 1 for i in range(3)}
+        loading = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(three, 1.0)},
+                          inflight=three, loading={"c"})  # fmt: skip
         assert self.policy.decide(REQ, [loading]).action is Action.WAIT
-        below = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(four, 1.0)},
-                        inflight=four)  # fmt: skip
+        below = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(three, 1.0)},
+                        inflight=three)  # fmt: skip
         assert self.policy.decide(REQ, [below]) == Decision(Action.USE, "b1")
 
     def test_no_load_beyond_the_target_unless_overfill(self) -> None:
-        five = {f"a{i}": 1 for i in range(5)}
-        b1 = backend("b1", slots=8, capacity=8, registered=dict.fromkeys(five, 1.0), inflight=five)
+        four = {f"a{i}": 1 for i in range(4)}
+        b1 = backend("b1", slots=8, capacity=8, registered=dict.fromkeys(four, 1.0), inflight=four)
         assert self.policy.decide(REQ, [b1]).action is Action.WAIT
         overfill = Request("x", "t1", overfill=True)
         assert self.policy.decide(overfill, [b1]) == Decision(Action.LOAD, "b1")
@@ -166,9 +169,9 @@ class TestLruSeatsAndTarget:
         assert self.policy.decide(overfill, [full]) == Decision(Action.USE, "b2")
 
     def test_waits_at_home_rather_than_load_a_copy(self) -> None:
-        five = {f"a{i}": 1 for i in range(5)}
-        home = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(five, 1.0)},
-                       inflight=five)  # fmt: skip
+        four = {f"a{i}": 1 for i in range(4)}
+        home = backend("b1", slots=8, capacity=8, registered={"x": 0.5, **dict.fromkeys(four, 1.0)},
+                       inflight=four)  # fmt: skip
         empty = backend("b2", slots=8, capacity=8)
         assert self.policy.decide(REQ, [home, empty]).action is Action.WAIT
         # Registered nowhere: loaded on the backend with room.
@@ -258,3 +261,64 @@ class TestLruDrain:
         assert self.policy.decide(Request("x", "t1", waiting={"x": 1, "w": 4}), [b]) == Decision(Action.WAIT)
         assert self.policy.decide(Request("x", "t1", waiting={"x": 3, "w": 4}), [b]).action is Action.USE
         assert self.policy.decide(Request("x", "t1"), [b]).action is Action.USE
+
+
+class TestLruHandover:
+    """Matched draining and handover on an 8-slot backend: T = 4, up to 6 slots while adapters drain."""
+
+    policy = LruPolicy(drain_ratio=2.0, drain_min=8)
+
+    def at_target(self, **kw: object) -> BackendState:
+        # Four active adapters holding 1, 2, 3 and 20 requests; the claimer "w" registered, idle.
+        active = {"a1": 1, "a2": 2, "a3": 3, "hot": 20}
+        registered = {**dict.fromkeys(active, 1.0), "w": 0.5, "v": 0.5, "u": 0.5}
+        return backend("b1", slots=8, seats=64, capacity=16, registered=registered, inflight=active, **kw)  # type: ignore[arg-type]
+
+    def test_one_claimer_drains_only_the_weakest(self) -> None:
+        b = self.at_target()
+        waiting = {"w": 10}
+        assert self.policy.decide(Request("a1", "t1", waiting=waiting), [b]).action is Action.WAIT
+        # a2 (2 held) is also outranked by w (10 >= 2 x 2), but one slot is all w needs: a2 keeps taking.
+        assert self.policy.decide(Request("a2", "t1", waiting=waiting), [b]) == Decision(Action.USE, "b1")
+        # Two claimers: the two weakest drain, the hot adapter never does.
+        two = {"w": 10, "v": 9}
+        assert self.policy.decide(Request("a2", "t1", waiting=two), [b]).action is Action.WAIT
+        assert self.policy.decide(Request("hot", "t1", waiting=two), [b]).action is Action.USE
+
+    def test_the_claimer_starts_at_once_above_the_target(self) -> None:
+        b = self.at_target()
+        # a1 drains; w need not wait for its last request: it takes a fifth slot now.
+        assert self.policy.decide(Request("w", "t1", waiting={"w": 10}), [b]) == Decision(Action.USE, "b1")
+        # A group too small to claim a slot (below drain_min) does not.
+        assert self.policy.decide(Request("w", "t1", waiting={"w": 7}), [b]).action is Action.WAIT
+        # Nor one that does not outrank the weakest active adapter by drain_ratio.
+        stronger = self.at_target()
+        stronger.inflight.update({"a1": 5, "a2": 5, "a3": 5})
+        assert self.policy.decide(Request("w", "t1", waiting={"w": 9}), [stronger]).action is Action.WAIT
+
+    def test_handover_stops_at_the_ceiling(self) -> None:
+        b = self.at_target()
+        b.inflight.update({"x1": 9, "x2": 9})  # six slots taken: T + handover
+        b.registered.update({"x1": 1.0, "x2": 1.0})
+        assert self.policy.decide(Request("w", "t1", waiting={"w": 40}), [b]).action is Action.WAIT
+
+    def test_above_the_target_the_weakest_give_slots_back(self) -> None:
+        b = self.at_target()
+        b.inflight.update({"a2": 5, "a3": 5, "x1": 9})  # five taken, one above T
+        b.registered["x1"] = 1.0
+        # While a claimer waits, the weakest beyond T drains even if the claimer does not outrank it ...
+        assert self.policy.decide(Request("a1", "t1", waiting={"w": 8}), [b]).action is Action.WAIT
+        assert self.policy.decide(Request("a2", "t1", waiting={"w": 8}), [b]).action is Action.USE
+        # ... and that slot goes back: it is no handover, the claimer waits.
+        assert self.policy.decide(Request("w", "t1", waiting={"w": 8}), [b]).action is Action.WAIT
+        # A claimer that outranks the next weakest too drains it, and takes the sixth slot at once.
+        assert self.policy.decide(Request("a2", "t1", waiting={"w": 10}), [b]).action is Action.WAIT
+        assert self.policy.decide(Request("w", "t1", waiting={"w": 10}), [b]) == Decision(Action.USE, "b1")
+        # With nothing large enough waiting, nothing drains.
+        assert self.policy.decide(Request("a1", "t1", waiting={"w": 7}), [b]).action is Action.USE
+
+    def test_nothing_waiting_no_slot_above_the_target(self) -> None:
+        # decide agrees with the store's touch when nothing waits: an idle adapter waits at T.
+        b = self.at_target()
+        assert self.policy.decide(Request("w", "t1"), [b]).action is Action.WAIT
+        assert self.policy.decide(Request("a1", "t1"), [b]) == Decision(Action.USE, "b1")
