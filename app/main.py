@@ -71,6 +71,7 @@ def create_app(settings: Settings) -> FastPath:
             router=router,
             interval_s=settings.RECONCILE_INTERVAL_S,
             unhealthy_after=settings.UNHEALTHY_AFTER,
+            pinned=cache.pinned.get,
         )
         background = [asyncio.create_task(cache.run_usage_flusher()), asyncio.create_task(reconciler.run())]
         if settings.GC_FREEZE:

@@ -182,6 +182,24 @@ class MemoryResidency:
             del b.loading[adapter]
             b.tenants.pop(adapter, None)
 
+    async def trim(self, pool: str, backend: BackendSlots, pinned: frozenset[str]) -> list[str]:
+        now = self._clock()
+        b = self._b(pool, backend.id)
+        excess = len(b.registered) + len(b.loading) - backend.capacity
+        if excess <= 0:
+            return []
+        idle = sorted(
+            (last, a)
+            for a, last in b.registered.items()
+            if b.inflight(a) == 0 and a not in pinned and a not in b.loading
+        )
+        victims = [a for _, a in idle[:excess]]
+        for a in victims:
+            del b.registered[a]
+            b.tenants.pop(a, None)
+            b.evicting[a] = now + self.lock_ttl_s
+        return victims
+
     async def evicted(self, pool: str, backend: str, adapter: str) -> None:
         b = self._b(pool, backend)
         b.evicting.pop(adapter, None)

@@ -240,6 +240,31 @@ return 1
 """
 )
 
+# ARGV: backend, capacity, lock_ms, then the pinned adapters. Returns the adapters taken out.
+_TRIM = (
+    _COMMON
+    + """
+local b, capacity, lock_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local reg, load = P .. 'reg:' .. b, P .. 'load:' .. b
+prune_busy(b)
+local excess = redis.call('ZCARD', reg) + redis.call('ZCARD', load) - capacity
+local out = {}
+if excess <= 0 then return out end
+local pinned = {}
+for i = 4, #ARGV do pinned[ARGV[i]] = true end
+for _, a in ipairs(redis.call('ZRANGE', reg, 0, -1)) do
+  if #out >= excess then break end
+  if not pinned[a] and inflight(b, a) == 0 and not redis.call('ZSCORE', load, a) then
+    redis.call('ZREM', reg, a)
+    redis.call('HDEL', P .. 'ten:' .. b, a)
+    redis.call('ZADD', P .. 'evict:' .. b, now + lock_ms, a)
+    table.insert(out, a)
+  end
+end
+return out
+"""
+)
+
 # ARGV: backend, adapter, grace_ms
 _EVICTED = (
     _COMMON
@@ -385,6 +410,7 @@ class RedisResidency:
         self._forget = redis.register_script(_FORGET)
         self._reconcile = redis.register_script(_RECONCILE)
         self._evicted = redis.register_script(_EVICTED)
+        self._trim = redis.register_script(_TRIM)
         self.gone_ms = int(GONE_GRACE_S * 1000)
 
     def _key(self, pool: str) -> str:
@@ -460,6 +486,10 @@ class RedisResidency:
 
     async def abort(self, pool: str, backend: str, adapter: str, token: int) -> None:
         await self._abort(keys=[self._key(pool)], args=[backend, adapter, token])
+
+    async def trim(self, pool: str, backend: BackendSlots, pinned: frozenset[str]) -> list[str]:
+        args: list[str | int] = [backend.id, backend.capacity, self.lock_ms, *sorted(pinned)]
+        return [_s(a) for a in await self._trim(keys=[self._key(pool)], args=args)]
 
     async def evicted(self, pool: str, backend: str, adapter: str) -> None:
         await self._evicted(keys=[self._key(pool)], args=[backend, adapter, self.gone_ms])

@@ -122,6 +122,13 @@ class ResidencyStore(Protocol):
 
     async def abort(self, pool: str, backend: str, adapter: str, token: int) -> None: ...
 
+    async def trim(self, pool: str, backend: BackendSlots, pinned: frozenset[str]) -> list[str]:
+        """Atomically: while the backend holds more than its capacity (registered plus loading; it gets
+        there when the state was lost and rebuilt from what the backend reports while gateways kept
+        loading), take the least recently used idle adapter that is not pinned out of the registered
+        set (it becomes `evicting`, as a victim of `reserve` does). Returns them, to be unloaded and
+        then reported with `evicted`; empty when the backend is within its capacity."""
+
     async def evicted(self, pool: str, backend: str, adapter: str) -> None:
         """The victim's unload finished (or failed for good): it no longer blocks loads of itself."""
 

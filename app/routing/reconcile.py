@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,8 +35,10 @@ class Reconciler:
         router: Router,
         interval_s: float,
         unhealthy_after: int,
+        pinned: Callable[[uuid.UUID], Awaitable[frozenset[str]]] | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._pinned = pinned  # base model -> served names of its pinned adapters (never trimmed)
         self.router = router
         self.interval_s = interval_s
         self.unhealthy_after = unhealthy_after
@@ -79,6 +83,28 @@ class Reconciler:
         added, removed = await self.router.store.reconcile(pool, key, actual, known_before)
         if added or removed:
             log.info("backend %s: state repaired (+%d -%d)", backend.name, len(added), len(removed))
+        await self.trim(backend, slots)
+
+    async def trim(self, backend: BackendView, slots: BackendSlots) -> list[str]:
+        """Unload the least recently used idle adapters a backend holds beyond its capacity (after the
+        state was lost, gateways may have loaded adapters there that it already had others for)."""
+        pool = str(backend.base_model_id)
+        pinned = await self._pinned(backend.base_model_id) if self._pinned is not None else frozenset()
+        victims = await self.router.store.trim(pool, slots, pinned)
+        for i, victim in enumerate(victims):
+            try:
+                await self.router.client.unload_adapter(backend.url, victim, backend=backend.name)
+            except BackendUnavailable:
+                # Down: nothing more to unload now. What was not unloaded shows up in its listing again.
+                for rest in victims[i:]:
+                    await self.router.store.evicted(pool, str(backend.id), rest)
+                return victims[:i]
+            except Exception:
+                log.exception("unloading %s from %s failed", victim, backend.name)
+            await self.router.store.evicted(pool, str(backend.id), victim)
+        if victims:
+            log.info("backend %s: over capacity, unloaded %s", backend.name, ", ".join(victims))
+        return victims
 
     def poke(self, backend: BackendView) -> None:
         """Reconcile this backend soon (once, however many requests ask)."""

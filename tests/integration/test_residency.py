@@ -347,7 +347,7 @@ def test_state_converges_after_redis_flush_and_backend_restart(stack: Stack) -> 
     stack.backends[1] = restarted
     assert set(asyncio.run(traffic(30))) == {200}
 
-    # Converged: what Redis says each backend holds is what the backend reports.
+    # Converged: what Redis says each backend holds is what the backend reports, within its capacity.
     import time
 
     deadline = time.monotonic() + 10
@@ -361,6 +361,9 @@ def test_state_converges_after_redis_flush_and_backend_restart(stack: Stack) -> 
             ok &= _loaded(s) <= registered
         total_registered = sum(stack.redis.zcard(k) for k in stack.redis.keys(f"{stack.prefix}:*reg:*"))
         ok &= total_registered == sum(len(_loaded(s)) for s in stack.backends)
+        # Gateways that loaded adapters while the state was lost may have put a backend over its
+        # capacity: the reconciler unloads the excess (least recently used, idle) from vLLM itself.
+        ok &= all(len(_loaded(s)) <= SLOTS for s in stack.backends)
         if ok:
             break
         assert time.monotonic() < deadline, "residency state did not converge"

@@ -304,6 +304,35 @@ class TestRepair:
         assert (added, removed) == (set(), set())
         assert set((await state(store)).registered) == {"fresh"}
 
+    async def test_trim_takes_the_lru_idle_unpinned_beyond_capacity(self, store: ResidencyStore) -> None:
+        # State rebuilt from a backend that holds more than its capacity (3): 1 in flight, 4 listed.
+        busy = await load(store, B1, "busy")
+        await store.reconcile(POOL, "b1", {"busy", "a", "b", "c", "pin"}, known_before=set())
+        assert await store.trim(POOL, B1, frozenset({"pin", "a"})) == ["b", "c"]
+        s = await state(store)
+        assert set(s.registered) == {"busy", "a", "pin"} and s.evicting == {"b", "c"}
+        assert await store.trim(POOL, B1, frozenset()) == []  # at capacity now
+        # A load under way counts against the capacity but is never taken; "busy", idle now, is the
+        # least recently used ("a" is used after it).
+        await store.release(POOL, "b1", "busy", busy)
+        await asyncio.sleep(0.01)
+        assert await store.acquire(POOL, "b1", "a", "la")
+        await store.release(POOL, "b1", "a", "la")
+        r = await store.reserve(POOL, B1, "new", "t1", victim="pin", tenant_cap=None)
+        assert r.outcome is Outcome.OK  # a swap: busy, a and loading new
+        await store.reconcile(POOL, "b1", {"a", "busy", "d"}, known_before={"a", "busy"})
+        assert await store.trim(POOL, B1, frozenset()) == ["busy"]
+        s = await state(store)
+        assert set(s.registered) == {"a", "d"} and s.loading == {"new"}
+
+    async def test_trim_within_capacity_or_all_busy_takes_nothing(self, store: ResidencyStore) -> None:
+        assert await store.trim(POOL, B1, frozenset()) == []
+        await store.reconcile(POOL, "b1", {"a", "b", "c", "d"}, known_before=set())
+        leases = [await store.acquire(POOL, "b1", a, f"l{a}") for a in "abcd"]
+        assert all(leases)
+        assert await store.trim(POOL, B1, frozenset()) == []  # every one has a request in flight
+        assert len((await state(store)).registered) == 4
+
     async def test_forget_and_drop(self, store: ResidencyStore) -> None:
         await load(store, B1, "a")
         await store.forget(POOL, "b1", "a")
