@@ -18,7 +18,8 @@ The model (bench/PLACEMENT.md gives the measurements and the reasons):
   store's `touch` (MemoryResidency's rule, BackendSlots.has_room, with the backends' seats C = 64 and
   the policy's target); otherwise `decide(Request(adapter, tenant), snapshots)`. USE -> lease, send;
   LOAD -> reserve (victim `evicting`, adapter `loading`), load, commit and lease, send; WAIT -> a
-  queue retried oldest first whenever something changes (a request ends, a load completes).
+  queue retried oldest first whenever something changes (a request ends, a load completes), as the
+  router's per-pool dispatcher does for its own releases and loads (and every 50 ms for the rest).
 - Workload: 200 adapters of 20 tenants (10 each; Zipf ranks shuffled so tenants mix), 128 output
   tokens each. Two kinds of run: 'sat', a closed loop of 4 x the fleet's seats (1024 clients, each
   sending its next request when one is answered), so the gateway always holds a backlog: the fleet's
@@ -29,7 +30,7 @@ Fleet throughput = output tok/s over the measured window / (4 x 5283). Queueing 
 decoding, WAITs and loads included. The run ends when the last measured request arrives.
 
     .venv/bin/python -m bench.placement [--policies lru,round-robin,random,lru-6] [--runs sat,0.8,0.9]
-        [--clients 1024] [--capacity 64] [--requests 20000] [--seed 1] [--json FILE]
+        [--clients 1024] [--capacity 64] [--requests 20000] [--handover 2] [--seed 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class Workload:
     patience_s: float = PATIENCE_S
     drain_ratio: float | None = None  # LruPolicy's, when set
     drain_min: int | None = None
+    handover: int | None = None
     seed: int = 1
 
 
@@ -395,7 +397,7 @@ class Simulator:
     def _retry_waiting(self, now: float) -> None:
         if not self.waiting:
             return
-        # Oldest first, as the router's polling approximates (each waiter retries within 200 ms).
+        # Oldest first, as the router's dispatcher (app/routing/router.py, _dispatch) does.
         pending, self.waiting = self.waiting, deque()
         blocked: set[tuple[str, bool]] = set()
         for req in pending:
@@ -555,6 +557,7 @@ def simulate(wl: Workload, name: str) -> Result:
     if isinstance(policy, LruPolicy):
         policy.drain_ratio = policy.drain_ratio if wl.drain_ratio is None else wl.drain_ratio
         policy.drain_min = policy.drain_min if wl.drain_min is None else wl.drain_min
+        policy.handover = policy.handover if wl.handover is None else wl.handover
     return Simulator(wl, policy, pure=pure).run()
 
 
@@ -662,6 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--drain-min", type=int, help="LruPolicy's drain_min (default: its default; huge: no draining)"
     )
+    ap.add_argument(
+        "--handover", type=int, help="LruPolicy's handover slots above T (default: its default; 0: none)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="FILE", help="also write the workloads and results as JSON")
     args = ap.parse_args(argv)
@@ -678,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         patience_s=args.patience,
         drain_ratio=args.drain_ratio,
         drain_min=args.drain_min,
+        handover=args.handover,
         seed=args.seed,
     )
     ok = True

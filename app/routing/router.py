@@ -11,16 +11,16 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from app.backends.vllm import BackendUnavailable, VllmClient
 from app.errors import ServiceUnavailable
 from app.registry.snapshots import AdapterView, BackendView
-from app.residency.state import BackendSlots, Outcome, ResidencyStore
-from app.routing.policy import Action, PlacementPolicy, Request
+from app.residency.state import BackendSlots, BackendState, Outcome, ResidencyStore
+from app.routing.policy import Action, Decision, PlacementPolicy, Request
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,25 @@ class Lease:
     adapter: str | None  # served name; None for a base-model request (nothing to hold)
     id: str
     released: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A request told to wait: the pool's dispatcher answers `turn` with the decision that lets it go."""
+
+    request: Request
+    slots: list[BackendSlots]
+    started: float
+    turn: asyncio.Future[Decision]
+
+
+@dataclass(slots=True, eq=False)
+class _Queue:
+    """One pool's waiting requests, oldest first, and the task that decides for them."""
+
+    waiters: deque[_Waiter] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
 
 # A backend list as handed out by the registry cache, by id, and as the residency store sees it.
@@ -51,6 +70,7 @@ class Router:
         local_store: Path | None = None,
         wait_timeout_s: float = 30.0,
         patience_s: float = 30.0,
+        tick_s: float = 0.05,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -68,6 +88,11 @@ class Router:
         # zero entries (so bounded by the requests waiting). The policy reads it (Request.waiting) to drain
         # adapters that hold slots while larger groups wait; several replicas each see their own waiters only.
         self._waiting: dict[str, Counter[str]] = {}
+        # Waiting requests are not polled one by one: per pool, one dispatcher takes one snapshot and asks
+        # the policy for every waiter, oldest first, whenever this process releases a lease or finishes a
+        # load there, and every `tick_s` (for what other replicas change).
+        self._queues: dict[str, _Queue] = {}
+        self.tick_s = tick_s
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
         self.on_trouble: Callable[[BackendView], None] | None = None
@@ -140,58 +165,153 @@ class Router:
         waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
         request = Request(name, str(adapter.tenant_id), pinned, tenant_cap, waiting=waiting)
         started = time.monotonic()
-        deadline = started + self.wait_timeout_s
-        pause = 0.01
-        counted = False  # in `waiting` once told to wait
+        decision = await self._decide(pool, request, self._healthy(all_slots), started)
+        while True:
+            if decision.action is Action.USE and decision.backend is not None:
+                if await self.store.acquire(pool, decision.backend, name, lease_id):
+                    return Lease(pool, by_id[decision.backend], name, lease_id)
+                # Evicted or forgotten meanwhile: wait for the dispatcher's next word.
+            elif decision.action is Action.LOAD and decision.backend is not None:
+                backend = by_id[decision.backend]
+                target = next(s for s in all_slots if s.id == decision.backend)
+                r = await self.store.reserve(
+                    pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
+                )
+                if r.outcome is Outcome.OK:
+                    try:
+                        loaded = await self._load(pool, backend, adapter, decision.evict, r.token, lease_id)
+                    except BackendUnavailable as exc:
+                        if not exc.never_reached or len(all_slots) == 1:
+                            raise
+                        await self.mark_down(backend)  # it refused the connection: place it elsewhere
+                        loaded = False
+                    finally:
+                        self._kick(pool)  # a slot or a registration changed: waiters may go
+                    if loaded:
+                        return Lease(pool, backend, name, lease_id)
+                    # Fenced out (our lock expired, someone else owns the load) or marked down: again.
+                    decision = await self._decide(pool, request, self._healthy(all_slots), started)
+                    continue
+                if r.outcome is Outcome.LIVE:
+                    # Loaded meanwhile: decide again, without waiting.
+                    decision = await self._decide(pool, request, self._healthy(all_slots), started)
+                    continue
+            # Someone else is loading it, or every slot is busy: wait for the dispatcher's word.
+            decision = await self._wait_turn(pool, request, all_slots, started, adapter.name)
+
+    def _healthy(self, slots: list[BackendSlots]) -> list[BackendSlots]:
+        """A backend found down meanwhile drops out of the choice (unless it is the only one left)."""
+        if not self.unhealthy:
+            return slots
+        return [s for s in slots if s.id not in self.unhealthy] or slots
+
+    def _overfilled(self, request: Request, started: float, now: float) -> Request:
+        if not request.overfill and now - started > self.patience_s:
+            return dataclasses.replace(request, overfill=True)
+        return request
+
+    async def _decide(
+        self, pool: str, request: Request, slots: list[BackendSlots], started: float
+    ) -> Decision:
+        snapshot = await self.store.snapshot(pool, slots)
+        return self.policy.decide(self._overfilled(request, started, time.monotonic()), snapshot)
+
+    async def _wait_turn(
+        self, pool: str, request: Request, slots: list[BackendSlots], started: float, shown: str
+    ) -> Decision:
+        """Queue the request for its pool's dispatcher until it hands out a USE or LOAD; 503 after
+        `wait_timeout_s` from the request's start."""
+        remaining = started + self.wait_timeout_s - time.monotonic()
+        if remaining <= 0:
+            raise ServiceUnavailable(
+                f"no backend could take adapter '{shown}' within {self.wait_timeout_s:.0f} s; retry",
+                headers={"Retry-After": "2"},
+            )
+        q = self._queues.get(pool)
+        if q is None:
+            q = self._queues[pool] = _Queue()
+        waiter = _Waiter(request, slots, started, asyncio.get_running_loop().create_future())
+        q.waiters.append(waiter)
+        self._waiting[pool][request.adapter] += 1
+        if q.task is None or q.task.done():
+            q.task = asyncio.create_task(self._dispatch(pool, q))
         try:
-            while True:
-                if not request.overfill and time.monotonic() - started > self.patience_s:
-                    request = dataclasses.replace(request, overfill=True)
-                # A backend found down meanwhile drops out of the choice (unless it is the only one left).
-                slots = [s for s in all_slots if s.id not in self.unhealthy] or all_slots
-                snapshot = await self.store.snapshot(pool, slots)
-                decision = self.policy.decide(request, snapshot)
-                if decision.action is Action.USE and decision.backend is not None:
-                    if await self.store.acquire(pool, decision.backend, name, lease_id):
-                        return Lease(pool, by_id[decision.backend], name, lease_id)
-                elif decision.action is Action.LOAD and decision.backend is not None:
-                    backend = by_id[decision.backend]
-                    target = next(s for s in slots if s.id == decision.backend)
-                    r = await self.store.reserve(
-                        pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
-                    )
-                    if r.outcome is Outcome.OK:
-                        try:
-                            loaded = await self._load(
-                                pool, backend, adapter, decision.evict, r.token, lease_id
-                            )
-                        except BackendUnavailable as exc:
-                            if not exc.never_reached or len(all_slots) == 1:
-                                raise
-                            await self.mark_down(backend)  # it refused the connection: place it elsewhere
-                            continue
-                        if loaded:
-                            return Lease(pool, backend, name, lease_id)
-                        continue  # fenced out: our lock expired and someone else owns the load now
-                    if r.outcome is Outcome.LIVE:
-                        continue  # loaded meanwhile: decide again, without waiting
-                if time.monotonic() > deadline:
-                    raise ServiceUnavailable(
-                        f"no backend could take adapter '{adapter.name}' "
-                        f"within {self.wait_timeout_s:.0f} s; retry",
-                        headers={"Retry-After": "2"},
-                    )
-                # Someone else is loading it, or every slot is busy: poll, backing off up to 200 ms.
-                if not counted:
-                    waiting[name] += 1
-                    counted = True
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
+            return await asyncio.wait_for(waiter.turn, remaining)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"no backend could take adapter '{shown}' within {self.wait_timeout_s:.0f} s; retry",
+                headers={"Retry-After": "2"},
+            ) from None
         finally:
-            if counted:
-                waiting[name] -= 1
-                if not waiting[name]:
-                    del waiting[name]
+            if not waiter.turn.done() or waiter.turn.cancelled():
+                self._uncount(pool, request.adapter)  # left without a turn (timeout, disconnect)
+                waiter.turn.cancel()
+
+    def _uncount(self, pool: str, adapter: str) -> None:
+        waiting = self._waiting[pool]
+        waiting[adapter] -= 1
+        if waiting[adapter] <= 0:
+            del waiting[adapter]
+
+    def _kick(self, pool: str) -> None:
+        """Something this process did may let waiters of the pool go: have its dispatcher look now."""
+        q = self._queues.get(pool)
+        if q is not None and q.waiters:
+            q.wake.set()
+
+    async def _dispatch(self, pool: str, q: _Queue) -> None:
+        """One pass per wake-up: one snapshot of every backend the waiters may use, then the policy for
+        each waiter, oldest first, on that snapshot, updated with each turn handed out (so the next
+        decision sees the seat or slot taken). A WAIT for an adapter holds for its other waiters in the
+        pass (the policy is a function of the snapshot). Passes are spaced by at least twice the last
+        one's duration, so a deep queue costs at most about a third of the process's time."""
+        gap = 0.0
+        while True:
+            q.waiters = deque(w for w in q.waiters if not w.turn.done())
+            if not q.waiters:
+                return
+            q.wake.clear()
+            began = time.monotonic()
+            try:
+                await self._pass(pool, q)
+            except Exception as exc:  # noqa: BLE001 - the store failed: each waiter gets it (503 upstream)
+                for w in q.waiters:
+                    if not w.turn.done():
+                        self._uncount(pool, w.request.adapter)
+                        w.turn.set_exception(exc)
+                q.waiters.clear()
+                return
+            gap = 2 * (time.monotonic() - began)
+            await asyncio.sleep(gap)
+            if not q.wake.is_set():
+                try:
+                    await asyncio.wait_for(q.wake.wait(), max(self.tick_s - gap, 0.0))
+                except TimeoutError:
+                    pass
+
+    async def _pass(self, pool: str, q: _Queue) -> None:
+        union: dict[str, BackendSlots] = {}
+        for w in q.waiters:
+            for s in self._healthy(w.slots):
+                union.setdefault(s.id, s)
+        states = {b.id: b for b in await self.store.snapshot(pool, list(union.values()))}
+        now = time.monotonic()
+        blocked: set[tuple[str, bool]] = set()
+        for w in list(q.waiters):
+            if w.turn.done():
+                continue
+            request = self._overfilled(w.request, w.started, now)
+            key = (request.adapter, request.overfill)
+            if key in blocked:
+                continue
+            mine: Sequence[BackendState] = [states[s.id] for s in self._healthy(w.slots) if s.id in states]
+            decision = self.policy.decide(request, mine)
+            if decision.action is Action.WAIT or decision.backend not in states:
+                blocked.add(key)
+                continue
+            _assume(states[decision.backend], decision, request.adapter)
+            self._uncount(pool, w.request.adapter)
+            w.turn.set_result(decision)
 
     async def _load(
         self,
@@ -224,6 +344,7 @@ class Router:
             return
         lease.released = True
         await self.store.release(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
+        self._kick(lease.pool)
 
     def release_nowait(self, lease: Lease) -> None:
         """The response is over: give the lease back without waiting for the store to confirm."""
@@ -231,6 +352,7 @@ class Router:
             return
         lease.released = True
         self.store.release_nowait(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
+        self._kick(lease.pool)
 
     async def lost(self, lease: Lease) -> None:
         """The backend answered 404 for the adapter: it forgot it (restart, manual unload)."""
@@ -252,3 +374,14 @@ class Router:
         await self.store.drop_backend(str(backend.base_model_id), str(backend.id))
         if self.on_trouble is not None:
             self.on_trouble(backend)
+
+
+def _assume(b: BackendState, decision: Decision, adapter: str) -> None:
+    """What a turn handed out will do to the backend, in the dispatcher's copy of the snapshot."""
+    if decision.action is Action.USE:
+        b.inflight[adapter] = b.inflight.get(adapter, 0) + 1
+        return
+    if decision.evict is not None:
+        b.registered.pop(decision.evict, None)
+        b.evicting.add(decision.evict)
+    b.loading.add(adapter)

@@ -1,11 +1,15 @@
-"""The router's count of its waiting requests, which LruPolicy reads to drain adapters (in-process store)."""
+"""The router's waiting requests: counted for LruPolicy's draining, and placed by one dispatcher per pool
+(in-process store)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 
+import pytest
+
 from app.backends.vllm import VllmClient
+from app.errors import ServiceUnavailable
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView
 from app.residency.memory import MemoryResidency
 from app.residency.state import BackendSlots, Outcome
@@ -60,5 +64,89 @@ async def test_waiters_are_counted_drain_the_active_adapter_and_are_forgotten() 
         late_hot.cancel()
         await asyncio.gather(late_hot, return_exceptions=True)
         assert not router._waiting.get(POOL)  # a request that leaves is no longer counted
+    finally:
+        await client.session.close()
+
+
+class CountingStore(MemoryResidency):
+    """The real in-process store, counting snapshots (how often waiters look) and, when told to, failing
+    them: a fault injected on purpose, as a Redis outage would raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots = 0
+        self.fail: Exception | None = None
+
+    async def snapshot(self, pool, backends):  # type: ignore[no-untyped-def]
+        self.snapshots += 1
+        if self.fail is not None:
+            raise self.fail
+        return await super().snapshot(pool, backends)
+
+
+SEATED = BackendView(
+    uuid.uuid4(), "s", "http://127.0.0.1:9", MODEL.id, gpu_slots=2, capacity=2, max_num_seqs=2
+)
+
+
+async def seated_router(store: MemoryResidency, tick_s: float) -> tuple[Router, VllmClient, AdapterView]:
+    client = VllmClient.create()  # never called: the adapter is registered already
+    router = Router(store=store, policy=LruPolicy(), client=client, adapter_root="/a", tick_s=tick_s)
+    a = adapter("a")
+    slots = BackendSlots(str(SEATED.id), 2, 2)
+    r = await store.reserve(POOL, slots, a.served_name, str(a.tenant_id), victim=None, tenant_cap=None)
+    assert await store.commit(POOL, str(SEATED.id), a.served_name, r.token, "setup")
+    await store.release(POOL, str(SEATED.id), a.served_name, "setup")
+    return router, client, a
+
+
+async def test_a_release_hands_its_seat_to_one_waiter_at_once_without_polling() -> None:
+    store = CountingStore()
+    # A tick of 60 s: only this process's own release can wake the dispatcher within the test.
+    router, client, a = await seated_router(store, tick_s=60)
+    fleet = (SEATED,)
+    try:
+        held = [await router.route(fleet, a) for _ in range(2)]  # both seats (max_num_seqs 2)
+        waiters = [asyncio.create_task(router.route(fleet, a)) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiters)
+        assert dict(router._waiting[POOL]) == {a.served_name: 20}
+        # 20 waiters, 0.3 s: each polling (as before) would have looked ~60 times; the dispatcher looked
+        # once per pass (the first one) after their own first look.
+        assert store.snapshots <= 20 + 2, store.snapshots
+        router.release_nowait(held[0])
+        done, _ = await asyncio.wait(waiters, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1  # well before the tick; and one seat freed, so one waiter went
+        await asyncio.sleep(0.1)
+        assert sum(w.done() for w in waiters) == 1  # the pass counted the seat it handed out
+        assert router._waiting[POOL][a.served_name] == 19
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert not router._waiting.get(POOL)
+    finally:
+        await client.session.close()
+
+
+async def test_waiters_time_out_with_a_503_and_get_the_stores_failure() -> None:
+    store = CountingStore()
+    router, client, a = await seated_router(store, tick_s=0.02)
+    router.wait_timeout_s = 0.2
+    fleet = (SEATED,)
+    try:
+        held = [await router.route(fleet, a) for _ in range(2)]
+        with pytest.raises(ServiceUnavailable, match="within"):
+            await router.route(fleet, a)
+        assert not router._waiting.get(POOL)
+        router.wait_timeout_s = 30
+        waiter = asyncio.create_task(router.route(fleet, a))
+        await asyncio.sleep(0.05)
+        store.fail = ConnectionError("residency store down")
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(waiter, 1)
+        assert not router._waiting.get(POOL)
+        store.fail = None
+        for lease in held:
+            await router.release(lease)
     finally:
         await client.session.close()
