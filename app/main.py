@@ -92,6 +92,7 @@ def create_app(settings: Settings) -> FastPath:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await router.close()
             with contextlib.suppress(Exception):
                 await cache.flush_key_usage()
             await client.close()

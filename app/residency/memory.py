@@ -4,7 +4,7 @@ awaiting in between, so each one is atomic on the event loop, as the Redis scrip
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
@@ -51,10 +51,15 @@ GONE_GRACE_S = 30.0
 
 
 class MemoryResidency:
+    shared = False  # one process: its own waiters are all there are
+
     def __init__(
         self, *, lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0, clock: Callable[[], float] = time.time
     ) -> None:
         self._pools: dict[str, dict[str, _Backend]] = {}
+        self._waiting: dict[
+            str, dict[str, tuple[dict[str, int], float]]
+        ] = {}  # pool -> replica -> (counts, until)
         self._fence = 0
         self.lock_ttl_s = lock_ttl_s
         self.lease_ttl_s = lease_ttl_s
@@ -226,6 +231,25 @@ class MemoryResidency:
         for a in added:
             b.registered[a] = now
         return added, removed
+
+    async def waiting(
+        self, pool: str, replica: str, counts: Mapping[str, int], ttl_s: float
+    ) -> dict[str, int]:
+        now = self._clock()
+        published = self._waiting.setdefault(pool, {})
+        mine = {a: n for a, n in counts.items() if n > 0}
+        if mine:
+            published[replica] = (mine, now + ttl_s)
+        else:
+            published.pop(replica, None)
+        sums: dict[str, int] = {}
+        for r, (theirs, until) in list(published.items()):
+            if until <= now:
+                del published[r]
+                continue
+            for a, n in theirs.items():
+                sums[a] = sums.get(a, 0) + n
+        return sums
 
     async def drop_backend(self, pool: str, backend: str) -> None:
         self._pools.get(pool, {}).pop(backend, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -265,6 +265,32 @@ return out
 """
 )
 
+# ARGV: replica, ttl_ms, then adapter, count pairs. Returns the sums over live replicas as pairs.
+_WAITING = (
+    _COMMON
+    + """
+local replica, ttl = ARGV[1], tonumber(ARGV[2])
+local reps, mine = P .. 'waiters', P .. 'wait:' .. replica
+redis.call('DEL', mine)
+if #ARGV > 2 then
+  for i = 3, #ARGV, 2 do redis.call('HSET', mine, ARGV[i], ARGV[i + 1]) end
+  redis.call('PEXPIRE', mine, ttl)
+  redis.call('ZADD', reps, now + ttl, replica)
+else
+  redis.call('ZREM', reps, replica)
+end
+for _, r in ipairs(redis.call('ZRANGEBYSCORE', reps, '-inf', now)) do redis.call('DEL', P .. 'wait:' .. r) end
+redis.call('ZREMRANGEBYSCORE', reps, '-inf', now)
+local sums, out = {}, {}
+for _, r in ipairs(redis.call('ZRANGE', reps, 0, -1)) do
+  local flat = redis.call('HGETALL', P .. 'wait:' .. r)
+  for j = 1, #flat, 2 do sums[flat[j]] = (sums[flat[j]] or 0) + tonumber(flat[j + 1]) end
+end
+for a, n in pairs(sums) do table.insert(out, a); table.insert(out, n) end
+return out
+"""
+)
+
 # ARGV: backend, adapter, grace_ms
 _EVICTED = (
     _COMMON
@@ -393,6 +419,8 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 class RedisResidency:
+    shared = True  # every gateway replica of the deployment
+
     def __init__(
         self, redis: Redis, *, prefix: str = "lgw", lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0
     ) -> None:
@@ -411,6 +439,7 @@ class RedisResidency:
         self._reconcile = redis.register_script(_RECONCILE)
         self._evicted = redis.register_script(_EVICTED)
         self._trim = redis.register_script(_TRIM)
+        self._waiting = redis.register_script(_WAITING)
         self.gone_ms = int(GONE_GRACE_S * 1000)
 
     def _key(self, pool: str) -> str:
@@ -503,6 +532,16 @@ class RedisResidency:
         args: list[str | int] = [backend, len(known_before), *sorted(known_before), *sorted(actual)]
         added, removed = await self._reconcile(keys=[self._key(pool)], args=args)
         return {_s(a) for a in added}, {_s(a) for a in removed}
+
+    async def waiting(
+        self, pool: str, replica: str, counts: Mapping[str, int], ttl_s: float
+    ) -> dict[str, int]:
+        args: list[str | int] = [replica, max(1, int(ttl_s * 1000))]
+        for a, n in counts.items():
+            if n > 0:
+                args += [a, n]
+        flat = await self._waiting(keys=[self._key(pool)], args=args)
+        return {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def drop_backend(self, pool: str, backend: str) -> None:
         p = self._key(pool)

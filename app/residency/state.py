@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +84,9 @@ class Reservation:
 class ResidencyStore(Protocol):
     """All multi-step changes are atomic per call, across every gateway process sharing the store."""
 
+    # Whether several gateway processes may share it (Redis), so each must learn what the others wait for.
+    shared: bool
+
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
@@ -145,3 +148,10 @@ class ResidencyStore(Protocol):
         forgotten in the last moments are not added back. Loads and evictions under way are left alone."""
 
     async def drop_backend(self, pool: str, backend: str) -> None: ...
+
+    async def waiting(
+        self, pool: str, replica: str, counts: Mapping[str, int], ttl_s: float
+    ) -> dict[str, int]:
+        """Publish one gateway process's requests waiting to be placed, per adapter (replacing what it
+        published before; dropped `ttl_s` after its last call, so a process that dies leaves nothing
+        behind), and return the counts summed over every process that published within its ttl."""

@@ -6,6 +6,7 @@ for it to register the adapter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -93,6 +94,13 @@ class Router:
         # load there, and every `tick_s` (for what other replicas change).
         self._queues: dict[str, _Queue] = {}
         self.tick_s = tick_s
+        # With a shared store each process publishes its waiters and reads the others' (every tick while
+        # anything waits anywhere, else every `idle_tick_s`), so that draining is fleet-wide: the policy
+        # sees the sums, and no process feeds an adapter through `touch` that another one drains.
+        self.replica = uuid.uuid4().hex
+        self._others: dict[str, Counter[str]] = {}  # pool -> what the other processes wait for
+        self.idle_tick_s = 0.25
+        self.waiting_ttl_s = 2.0
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
         self.on_trouble: Callable[[BackendView], None] | None = None
@@ -143,8 +151,10 @@ class Router:
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
         pool, name = str(adapter.base_model.id), adapter.served_name
         by_id, slots = self._fleet(backends)
-        # The hot path, while nothing waits here: with waiters the policy must see them (draining).
-        if self.policy.prefers_live and not self._waiting.get(pool):
+        if self.store.shared:
+            self._watch(pool)
+        # The hot path, while nothing waits: with waiters the policy must see them (draining).
+        if self.policy.prefers_live and not self._waiting.get(pool) and not self._others.get(pool):
             got = await self.store.touch(pool, name, lease_id, slots)
             if got is not None:
                 return Lease(pool, by_id[got], name, lease_id)
@@ -214,7 +224,19 @@ class Router:
         self, pool: str, request: Request, slots: list[BackendSlots], started: float
     ) -> Decision:
         snapshot = await self.store.snapshot(pool, slots)
+        if self._others.get(pool):
+            request = dataclasses.replace(request, waiting=self._view(pool))
         return self.policy.decide(self._overfilled(request, started, time.monotonic()), snapshot)
+
+    def _view(self, pool: str) -> Counter[str]:
+        """The waiting requests the policy counts: this process's, plus the others' as last read."""
+        own = self._waiting.setdefault(pool, Counter())
+        others = self._others.get(pool)
+        if not others:
+            return own
+        merged = Counter(others)
+        merged.update(own)
+        return merged
 
     async def _wait_turn(
         self, pool: str, request: Request, slots: list[BackendSlots], started: float, shown: str
@@ -235,6 +257,8 @@ class Router:
         self._waiting[pool][request.adapter] += 1
         if q.task is None or q.task.done():
             q.task = asyncio.create_task(self._dispatch(pool, q))
+        elif self.store.shared:
+            q.wake.set()  # publish it soon: other processes drain for it too
         try:
             return await asyncio.wait_for(waiter.turn, remaining)
         except TimeoutError:
@@ -259,35 +283,63 @@ class Router:
         if q is not None and q.waiters:
             q.wake.set()
 
+    def _watch(self, pool: str) -> None:
+        """Shared store: keep the pool's dispatcher running, to learn what other processes wait for."""
+        q = self._queues.get(pool)
+        if q is None:
+            q = self._queues[pool] = _Queue()
+        if q.task is None or q.task.done():
+            q.task = asyncio.create_task(self._dispatch(pool, q))
+
     async def _dispatch(self, pool: str, q: _Queue) -> None:
         """One pass per wake-up: one snapshot of every backend the waiters may use, then the policy for
         each waiter, oldest first, on that snapshot, updated with each turn handed out (so the next
         decision sees the seat or slot taken). A WAIT for an adapter holds for its other waiters in the
         pass (the policy is a function of the snapshot). Passes are spaced by at least twice the last
-        one's duration, so a deep queue costs at most about a third of the process's time."""
-        gap = 0.0
+        one's duration, so a deep queue costs at most about a third of the process's time. With a shared
+        store it also publishes this process's waiters and reads the others' each time, and runs on."""
+        shared = self.store.shared
         while True:
             q.waiters = deque(w for w in q.waiters if not w.turn.done())
-            if not q.waiters:
+            if not q.waiters and not shared:
                 return
             q.wake.clear()
             began = time.monotonic()
             try:
-                await self._pass(pool, q)
+                if shared:
+                    await self._publish(pool)
+                if q.waiters:
+                    await self._pass(pool, q)
             except Exception as exc:  # noqa: BLE001 - the store failed: each waiter gets it (503 upstream)
                 for w in q.waiters:
                     if not w.turn.done():
                         self._uncount(pool, w.request.adapter)
                         w.turn.set_exception(exc)
                 q.waiters.clear()
-                return
+                if not shared:
+                    return
             gap = 2 * (time.monotonic() - began)
             await asyncio.sleep(gap)
+            tick = self.tick_s if q.waiters or self._others.get(pool) else self.idle_tick_s
             if not q.wake.is_set():
-                try:
-                    await asyncio.wait_for(q.wake.wait(), max(self.tick_s - gap, 0.0))
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(q.wake.wait(), max(tick - gap, 0.0))
+
+    async def _publish(self, pool: str) -> None:
+        sent = dict(self._waiting.get(pool) or {})
+        sums = await self.store.waiting(pool, self.replica, sent, self.waiting_ttl_s)
+        others = Counter({a: n - sent.get(a, 0) for a, n in sums.items() if n > sent.get(a, 0)})
+        if others:
+            self._others[pool] = others
+        else:
+            self._others.pop(pool, None)
+
+    async def close(self) -> None:
+        """Stop the dispatchers (at shutdown); other processes forget this one's waiters after their ttl."""
+        tasks = [q.task for q in self._queues.values() if q.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _pass(self, pool: str, q: _Queue) -> None:
         union: dict[str, BackendSlots] = {}
@@ -295,12 +347,16 @@ class Router:
             for s in self._healthy(w.slots):
                 union.setdefault(s.id, s)
         states = {b.id: b for b in await self.store.snapshot(pool, list(union.values()))}
+        view = self._view(pool)
+        own = view is self._waiting[pool]
         now = time.monotonic()
         blocked: set[tuple[str, bool]] = set()
         for w in list(q.waiters):
             if w.turn.done():
                 continue
-            request = self._overfilled(w.request, w.started, now)
+            request = self._overfilled(
+                w.request if own else dataclasses.replace(w.request, waiting=view), w.started, now
+            )
             key = (request.adapter, request.overfill)
             if key in blocked:
                 continue
@@ -311,6 +367,8 @@ class Router:
                 continue
             _assume(states[decision.backend], decision, request.adapter)
             self._uncount(pool, w.request.adapter)
+            if not own:
+                view[request.adapter] -= 1
             w.turn.set_result(decision)
 
     async def _load(

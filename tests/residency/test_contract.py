@@ -341,3 +341,18 @@ class TestRepair:
         await store.drop_backend(POOL, "b1")
         s = await state(store)
         assert s.registered == {} and s.inflight == {}
+
+
+class TestWaiting:
+    """Each gateway process publishes its waiting requests; every one reads the fleet's sums."""
+
+    async def test_sums_over_replicas_replace_and_expire(self, store: ResidencyStore) -> None:
+        assert await store.waiting(POOL, "r1", {"a": 3, "b": 1}, ttl_s=0.5) == {"a": 3, "b": 1}
+        assert await store.waiting(POOL, "r2", {"a": 2, "c": 0}, ttl_s=60) == {"a": 5, "b": 1}
+        # A new publish replaces the replica's last one; an empty one withdraws it.
+        assert await store.waiting(POOL, "r1", {"b": 4}, ttl_s=0.5) == {"a": 2, "b": 4}
+        assert await store.waiting(POOL, "r2", {}, ttl_s=60) == {"b": 4}
+        assert await store.waiting("other-pool", "r2", {"z": 1}, ttl_s=60) == {"z": 1}
+        # r1 stops publishing (it died): its counts are gone after its ttl.
+        await asyncio.sleep(0.6)
+        assert await store.waiting(POOL, "r3", {}, ttl_s=60) == {}

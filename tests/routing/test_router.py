@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import pytest
+from redis.asyncio import Redis
 
 from app.backends.vllm import VllmClient
 from app.errors import ServiceUnavailable
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView
 from app.residency.memory import MemoryResidency
+from app.residency.redis_store import RedisResidency
 from app.residency.state import BackendSlots, Outcome
 from app.routing.policy import LruPolicy
 from app.routing.router import Router
 
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = BaseModelView(uuid.uuid4(), "m", (), True)
 POOL = str(MODEL.id)
 # One GPU slot, so the target is one active adapter.
@@ -26,7 +30,7 @@ def adapter(name: str) -> AdapterView:
     return AdapterView(uuid.uuid4(), uuid.uuid4(), name, 1, MODEL, "0" * 64, name, 0.0)
 
 
-async def register(store: MemoryResidency, a: AdapterView) -> None:
+async def register(store: MemoryResidency | RedisResidency, a: AdapterView) -> None:
     slots = BackendSlots(str(BACKEND.id), 1, 2)
     r = await store.reserve(POOL, slots, a.served_name, str(a.tenant_id), victim=None, tenant_cap=None)
     assert r.outcome is Outcome.OK
@@ -150,3 +154,56 @@ async def test_waiters_time_out_with_a_503_and_get_the_stores_failure() -> None:
             await router.release(lease)
     finally:
         await client.session.close()
+
+
+async def test_draining_is_fleet_wide_with_a_shared_store() -> None:
+    """Two gateway processes on one Redis: the one with no waiters of its own stops feeding an adapter
+    that the other's waiters outrank (before, it kept routing it through `touch`)."""
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-test-{uuid.uuid4().hex[:8]}"
+    store = RedisResidency(redis, prefix=prefix, lock_ttl_s=5, lease_ttl_s=60)
+    client = VllmClient.create()  # never called: both adapters are registered already
+
+    def router() -> Router:
+        r = Router(store=store, policy=LruPolicy(drain_min=2), client=client, adapter_root="/a", tick_s=0.02)
+        r.idle_tick_s = 0.02
+        return r
+
+    a, b = router(), router()
+    hot, cold = adapter("hot"), adapter("cold")
+    for x in (hot, cold):
+        await register(store, x)
+    fleet = (BACKEND,)
+    try:
+        first = await a.route(fleet, hot)  # the one slot
+        colds = [asyncio.create_task(b.route(fleet, cold)) for _ in range(4)]
+        for _ in range(100):  # a learns of b's waiters within a few ticks
+            await asyncio.sleep(0.02)
+            if a._others.get(POOL) == {cold.served_name: 4}:
+                break
+        assert a._others.get(POOL) == {cold.served_name: 4}
+        # 4 waiting (on b) >= max(2, 2 x 1 in flight): a takes no new request for hot.
+        late_hot = asyncio.create_task(a.route(fleet, hot))
+        await asyncio.sleep(0.2)
+        assert not late_hot.done()
+        await a.release(first)  # the slot frees: b's waiters take it
+        leases = await asyncio.wait_for(asyncio.gather(*colds), 2)
+        assert {lease.adapter for lease in leases} == {cold.served_name}
+        assert not late_hot.done()
+        late_hot.cancel()
+        await asyncio.gather(late_hot, return_exceptions=True)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not a._others.get(POOL) and not b._others.get(POOL):
+                break
+        assert not a._others.get(POOL) and not b._others.get(POOL)  # nothing waits anywhere any more
+        for lease in leases:
+            await b.release(lease)
+    finally:
+        await a.close()
+        await b.close()
+        await client.session.close()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
