@@ -86,8 +86,9 @@ class Router:
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
         self._fleets: dict[int, _Fleet] = {}
         # This process's requests told to wait, still in the placement loop: pool -> adapter -> count, no
-        # zero entries (so bounded by the requests waiting). The policy reads it (Request.waiting) to drain
-        # adapters that hold slots while larger groups wait; several replicas each see their own waiters only.
+        # zero entries (so bounded by the requests waiting). The policy reads it (Request.waiting), with the
+        # other replicas' counts when the store is shared, to drain adapters that hold slots while larger
+        # groups wait.
         self._waiting: dict[str, Counter[str]] = {}
         # Waiting requests are not polled one by one: per pool, one dispatcher takes one snapshot and asks
         # the policy for every waiter, oldest first, whenever this process releases a lease or finishes a
