@@ -100,6 +100,7 @@ class Router:
         # sees the sums, and no process feeds an adapter through `touch` that another one drains.
         self.replica = uuid.uuid4().hex
         self._others: dict[str, Counter[str]] = {}  # pool -> what the other processes wait for
+        self._read_at: dict[str, float] = {}  # pool -> when the others' counts were last read
         self.idle_tick_s = 0.25
         self.waiting_ttl_s = 2.0
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
@@ -305,12 +306,12 @@ class Router:
             if not q.waiters and not shared:
                 return
             q.wake.clear()
-            began = time.monotonic()
+            busy = 0.0
+            if shared:
+                await self._publish(pool)
             try:
-                if shared:
-                    await self._publish(pool)
                 if q.waiters:
-                    await self._pass(pool, q)
+                    busy = await self._pass(pool, q)
             except Exception as exc:  # noqa: BLE001 - the store failed: each waiter gets it (503 upstream)
                 for w in q.waiters:
                     if not w.turn.done():
@@ -319,7 +320,9 @@ class Router:
                 q.waiters.clear()
                 if not shared:
                     return
-            gap = 2 * (time.monotonic() - began)
+            # Spaced by the time the policy took (not the store's round trips), so a slow store does
+            # not also delay the turns that a release frees.
+            gap = 2 * busy
             await asyncio.sleep(gap)
             tick = self.tick_s if q.waiters or self._others.get(pool) else self.idle_tick_s
             if not q.wake.is_set():
@@ -327,8 +330,18 @@ class Router:
                     await asyncio.wait_for(q.wake.wait(), max(tick - gap, 0.0))
 
     async def _publish(self, pool: str) -> None:
+        """Publish this process's waiters, read the others'. A failure is not the waiters' (their own
+        snapshots will tell): the others' counts are kept until they are older than their ttl."""
         sent = dict(self._waiting.get(pool) or {})
-        sums = await self.store.waiting(pool, self.replica, sent, self.waiting_ttl_s)
+        try:
+            sums = await self.store.waiting(pool, self.replica, sent, self.waiting_ttl_s)
+        except Exception as exc:  # noqa: BLE001 - logged; the counts age out below
+            now = time.monotonic()
+            if now - self._read_at.get(pool, now) > self.waiting_ttl_s:
+                self._others.pop(pool, None)
+            log.warning("publishing waiting counts failed: %s", type(exc).__name__)
+            return
+        self._read_at[pool] = time.monotonic()
         others = Counter({a: n - sent.get(a, 0) for a, n in sums.items() if n > sent.get(a, 0)})
         if others:
             self._others[pool] = others
@@ -342,26 +355,31 @@ class Router:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _pass(self, pool: str, q: _Queue) -> None:
+    async def _pass(self, pool: str, q: _Queue) -> float:
+        """Returns the seconds the policy took (the pass less its snapshot's round trip)."""
+        waiters = list(q.waiters)  # those who came during the snapshot wait for the next pass
         union: dict[str, BackendSlots] = {}
-        for w in q.waiters:
+        for w in waiters:
             for s in self._healthy(w.slots):
                 union.setdefault(s.id, s)
         states = {b.id: b for b in await self.store.snapshot(pool, list(union.values()))}
+        began = time.monotonic()
         view = self._view(pool)
         own = view is self._waiting[pool]
-        now = time.monotonic()
-        blocked: set[tuple[str, bool]] = set()
-        for w in list(q.waiters):
+        # A WAIT holds for the same adapter, patience state and backends (waiters may see different
+        # backends: a retry avoiding one, a backend down when it came).
+        blocked: set[tuple[str, bool, tuple[str, ...]]] = set()
+        for w in waiters:
             if w.turn.done():
                 continue
-            request = self._overfilled(
-                w.request if own else dataclasses.replace(w.request, waiting=view), w.started, now
-            )
-            key = (request.adapter, request.overfill)
+            request = self._overfilled(w.request, w.started, began)
+            usable = self._healthy(w.slots)
+            key = (request.adapter, request.overfill, tuple(s.id for s in usable))
             if key in blocked:
                 continue
-            mine: Sequence[BackendState] = [states[s.id] for s in self._healthy(w.slots) if s.id in states]
+            if not own:
+                request = dataclasses.replace(request, waiting=view)
+            mine: Sequence[BackendState] = [states[s.id] for s in usable if s.id in states]
             decision = self.policy.decide(request, mine)
             if decision.action is Action.WAIT or decision.backend not in states:
                 blocked.add(key)
@@ -371,6 +389,7 @@ class Router:
             if not own:
                 view[request.adapter] -= 1
             w.turn.set_result(decision)
+        return time.monotonic() - began
 
     async def _load(
         self,

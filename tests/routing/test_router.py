@@ -207,3 +207,39 @@ async def test_draining_is_fleet_wide_with_a_shared_store() -> None:
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+
+
+async def test_a_waiter_that_must_wait_does_not_hold_back_one_with_other_backends() -> None:
+    """A request retried away from backend A (avoid) waits for B; a later request for the same adapter
+    that may use A must not queue behind it (one WAIT holds only for the same backends)."""
+    store = MemoryResidency()
+    client = VllmClient.create()  # never called: every adapter is registered already
+    router = Router(store=store, policy=LruPolicy(), client=client, adapter_root="/a", tick_s=60)
+    a_view = BackendView(uuid.uuid4(), "a", "http://127.0.0.1:9", MODEL.id, gpu_slots=1, capacity=2)
+    b_view = BackendView(uuid.uuid4(), "b", "http://127.0.0.1:9", MODEL.id, gpu_slots=1, capacity=2)
+    x, y, z = adapter("x"), adapter("y"), adapter("z")
+    for backend, ads in ((a_view, (x, y)), (b_view, (z,))):
+        slots = BackendSlots(str(backend.id), 1, 2)
+        for ad in ads:
+            r = await store.reserve(POOL, slots, ad.served_name, "t", victim=None, tenant_cap=None)
+            assert await store.commit(POOL, str(backend.id), ad.served_name, r.token, "setup")
+            await store.release(POOL, str(backend.id), ad.served_name, "setup")
+    fleet = (a_view, b_view)
+    try:
+        on_a = await router.route(fleet, y)  # A's one slot
+        on_b = await router.route(fleet, z)  # B's one slot
+        avoiding_a = asyncio.create_task(router.route(fleet, x, avoid=frozenset({str(a_view.id)})))
+        await asyncio.sleep(0.05)
+        anywhere = asyncio.create_task(router.route(fleet, x))
+        await asyncio.sleep(0.05)
+        assert not avoiding_a.done() and not anywhere.done()
+        router.release_nowait(on_a)  # A's slot frees: x may take it, but only for the second request
+        lease = await asyncio.wait_for(anywhere, 0.5)
+        assert lease.backend == a_view
+        assert not avoiding_a.done()
+        avoiding_a.cancel()
+        await asyncio.gather(avoiding_a, return_exceptions=True)
+        await router.release(lease)
+        await router.release(on_b)
+    finally:
+        await client.session.close()
