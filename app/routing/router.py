@@ -255,7 +255,12 @@ class Router:
         if q is None:
             q = self._queues[pool] = _Queue()
         waiter = _Waiter(request, slots, started, asyncio.get_running_loop().create_future())
-        q.waiters.append(waiter)
+        # Oldest first by arrival: one whose turn came to nothing (its acquire or reservation lost a race)
+        # goes back where it was, not to the end.
+        at = len(q.waiters)
+        while at and q.waiters[at - 1].started > started:
+            at -= 1
+        q.waiters.insert(at, waiter)
         self._waiting[pool][request.adapter] += 1
         if q.task is None or q.task.done():
             q.task = asyncio.create_task(self._dispatch(pool, q))
@@ -384,7 +389,7 @@ class Router:
             if decision.action is Action.WAIT or decision.backend not in states:
                 blocked.add(key)
                 continue
-            _assume(states[decision.backend], decision, request.adapter)
+            _assume(states[decision.backend], decision, request)
             self._uncount(pool, w.request.adapter)
             if not own:
                 view[request.adapter] -= 1
@@ -454,12 +459,15 @@ class Router:
             self.on_trouble(backend)
 
 
-def _assume(b: BackendState, decision: Decision, adapter: str) -> None:
+def _assume(b: BackendState, decision: Decision, request: Request) -> None:
     """What a turn handed out will do to the backend, in the dispatcher's copy of the snapshot."""
+    adapter = request.adapter
     if decision.action is Action.USE:
         b.inflight[adapter] = b.inflight.get(adapter, 0) + 1
         return
     if decision.evict is not None:
         b.registered.pop(decision.evict, None)
+        b.tenants.pop(decision.evict, None)
         b.evicting.add(decision.evict)
     b.loading.add(adapter)
+    b.tenants[adapter] = request.tenant  # counts against the tenant's cap for the rest of the pass
