@@ -247,13 +247,8 @@ class Router:
         `wait_timeout_s` from the request's start."""
         remaining = started + self.wait_timeout_s - time.monotonic()
         if remaining <= 0:
-            raise ServiceUnavailable(
-                f"no backend could take adapter '{shown}' within {self.wait_timeout_s:.0f} s; retry",
-                headers={"Retry-After": "2"},
-            )
-        q = self._queues.get(pool)
-        if q is None:
-            q = self._queues[pool] = _Queue()
+            raise self._waited_too_long(shown)
+        q = self._queue(pool)
         waiter = _Waiter(request, slots, started, asyncio.get_running_loop().create_future())
         # Oldest first by arrival: one whose turn came to nothing (its acquire or reservation lost a race)
         # goes back where it was, not to the end.
@@ -269,14 +264,23 @@ class Router:
         try:
             return await asyncio.wait_for(waiter.turn, remaining)
         except TimeoutError:
-            raise ServiceUnavailable(
-                f"no backend could take adapter '{shown}' within {self.wait_timeout_s:.0f} s; retry",
-                headers={"Retry-After": "2"},
-            ) from None
+            raise self._waited_too_long(shown) from None
         finally:
             if not waiter.turn.done() or waiter.turn.cancelled():
                 self._uncount(pool, request.adapter)  # left without a turn (timeout, disconnect)
                 waiter.turn.cancel()
+
+    def _waited_too_long(self, shown: str) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"no backend could take adapter '{shown}' within {self.wait_timeout_s:.0f} s; retry",
+            headers={"Retry-After": "2"},
+        )
+
+    def _queue(self, pool: str) -> _Queue:
+        q = self._queues.get(pool)
+        if q is None:
+            q = self._queues[pool] = _Queue()
+        return q
 
     def _uncount(self, pool: str, adapter: str) -> None:
         waiting = self._waiting[pool]
@@ -292,9 +296,7 @@ class Router:
 
     def _watch(self, pool: str) -> None:
         """Shared store: keep the pool's dispatcher running, to learn what other processes wait for."""
-        q = self._queues.get(pool)
-        if q is None:
-            q = self._queues[pool] = _Queue()
+        q = self._queue(pool)
         if q.task is None or q.task.done():
             q.task = asyncio.create_task(self._dispatch(pool, q))
 
