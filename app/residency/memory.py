@@ -57,9 +57,8 @@ class MemoryResidency:
         self, *, lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0, clock: Callable[[], float] = time.time
     ) -> None:
         self._pools: dict[str, dict[str, _Backend]] = {}
-        self._waiting: dict[
-            str, dict[str, tuple[dict[str, int], float]]
-        ] = {}  # pool -> replica -> (counts, until)
+        # Published waiting counts: pool -> replica -> (counts, until).
+        self._waiting: dict[str, dict[str, tuple[dict[str, int], float]]] = {}
         self._fence = 0
         self.lock_ttl_s = lock_ttl_s
         self.lease_ttl_s = lease_ttl_s

@@ -86,7 +86,7 @@ def _load_or_evict(request: Request, b: BackendState) -> Decision | None:
     return Decision(Action.LOAD, b.id, victim) if victim is not None else None
 
 
-class _Fleet:
+class _Whereabouts:
     """What draining asks of every backend, gathered once per decision."""
 
     __slots__ = ("engaged", "homed")
@@ -175,7 +175,7 @@ class LruPolicy:
         self,
         request: Request,
         b: BackendState,
-        fleet: _Fleet,
+        fleet: _Whereabouts,
         groups: list[tuple[str, int]],
     ) -> list[str]:
         """The adapters active on b that take no new requests there (see the class's "Draining")."""
@@ -204,7 +204,7 @@ class LruPolicy:
         self,
         request: Request,
         b: BackendState,
-        fleet: _Fleet,
+        fleet: _Whereabouts,
         groups: list[tuple[str, int]],
         drained: Callable[[BackendState], list[str]],
     ) -> bool:
@@ -232,7 +232,7 @@ class LruPolicy:
         return True
 
     @staticmethod
-    def _could_take(w: str, b: BackendState, fleet: _Fleet) -> bool:
+    def _could_take(w: str, b: BackendState, fleet: _Whereabouts) -> bool:
         """Whether adapter w, were a slot to free on b, would take it: active and loading nowhere, and
         registered on b, or registered nowhere while b could load it (free capacity or an idle adapter)."""
         if w in fleet.engaged:
@@ -246,7 +246,7 @@ class LruPolicy:
     def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
         a = request.adapter
         groups = self._groups(request)
-        fleet = _Fleet(backends if groups else ())
+        fleet = _Whereabouts(backends if groups else ())
         plans: dict[str, list[str]] = {}
 
         def drained(b: BackendState) -> list[str]:

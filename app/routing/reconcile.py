@@ -91,18 +91,18 @@ class Reconciler:
         pool = str(backend.base_model_id)
         pinned = await self._pinned(backend.base_model_id) if self._pinned is not None else frozenset()
         victims = await self.router.store.trim(pool, slots, pinned)
-        for i, victim in enumerate(victims):
+        reachable = True
+        for victim in victims:
             try:
-                await self.router.client.unload_adapter(backend.url, victim, backend=backend.name)
+                if reachable:
+                    await self.router.client.unload_adapter(backend.url, victim, backend=backend.name)
             except BackendUnavailable:
-                # Down: nothing more to unload now. What was not unloaded shows up in its listing again.
-                for rest in victims[i:]:
-                    await self.router.store.evicted(pool, str(backend.id), rest)
-                return victims[:i]
+                reachable = False  # down: what was not unloaded shows up in its listing again
             except Exception:
                 log.exception("unloading %s from %s failed", victim, backend.name)
-            await self.router.store.evicted(pool, str(backend.id), victim)
-        if victims:
+            finally:
+                await self.router.store.evicted(pool, str(backend.id), victim)
+        if victims and reachable:
             log.info("backend %s: over capacity, unloaded %s", backend.name, ", ".join(victims))
         return victims
 

@@ -173,19 +173,24 @@ class Router:
         tenant_cap: int | None,
     ) -> Lease:
         name = adapter.served_name
-        all_slots = slots
         waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
         request = Request(name, str(adapter.tenant_id), pinned, tenant_cap, waiting=waiting)
         started = time.monotonic()
-        decision = await self._decide(pool, request, self._healthy(all_slots), started)
+        now = True  # decide on a fresh snapshot now; else wait for the dispatcher's word
         while True:
+            if now:
+                decision = await self._decide(pool, request, self._healthy(slots), started)
+            else:
+                decision = await self._wait_turn(pool, request, slots, started, adapter.name)
+            # Unless told otherwise below, someone else is loading it or every slot is busy: wait.
+            now = False
             if decision.action is Action.USE and decision.backend is not None:
                 if await self.store.acquire(pool, decision.backend, name, lease_id):
                     return Lease(pool, by_id[decision.backend], name, lease_id)
                 # Evicted or forgotten meanwhile: wait for the dispatcher's next word.
             elif decision.action is Action.LOAD and decision.backend is not None:
                 backend = by_id[decision.backend]
-                target = next(s for s in all_slots if s.id == decision.backend)
+                target = next(s for s in slots if s.id == decision.backend)
                 r = await self.store.reserve(
                     pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
                 )
@@ -193,7 +198,7 @@ class Router:
                     try:
                         loaded = await self._load(pool, backend, adapter, decision.evict, r.token, lease_id)
                     except BackendUnavailable as exc:
-                        if not exc.never_reached or len(all_slots) == 1:
+                        if not exc.never_reached or len(slots) == 1:
                             raise
                         await self.mark_down(backend)  # it refused the connection: place it elsewhere
                         loaded = False
@@ -201,15 +206,9 @@ class Router:
                         self._kick(pool)  # a slot or a registration changed: waiters may go
                     if loaded:
                         return Lease(pool, backend, name, lease_id)
-                    # Fenced out (our lock expired, someone else owns the load) or marked down: again.
-                    decision = await self._decide(pool, request, self._healthy(all_slots), started)
-                    continue
-                if r.outcome is Outcome.LIVE:
-                    # Loaded meanwhile: decide again, without waiting.
-                    decision = await self._decide(pool, request, self._healthy(all_slots), started)
-                    continue
-            # Someone else is loading it, or every slot is busy: wait for the dispatcher's word.
-            decision = await self._wait_turn(pool, request, all_slots, started, adapter.name)
+                    now = True  # fenced out (our lock expired, someone else owns the load) or marked down
+                elif r.outcome is Outcome.LIVE:
+                    now = True  # loaded meanwhile: decide again, without waiting
 
     def _healthy(self, slots: list[BackendSlots]) -> list[BackendSlots]:
         """A backend found down meanwhile drops out of the choice (unless it is the only one left)."""
@@ -304,8 +303,8 @@ class Router:
         """One pass per wake-up: one snapshot of every backend the waiters may use, then the policy for
         each waiter, oldest first, on that snapshot, updated with each turn handed out (so the next
         decision sees the seat or slot taken). A WAIT for an adapter holds for its other waiters in the
-        pass (the policy is a function of the snapshot). Passes are spaced by at least twice the last
-        one's duration, so a deep queue costs at most about a third of the process's time. With a shared
+        pass (the policy is a function of the snapshot). Passes are spaced by at least twice the time the
+        policy took in the last one, so a deep queue costs at most about a third of the process's time. With a shared
         store it also publishes this process's waiters and reads the others' each time, and runs on."""
         shared = self.store.shared
         while True:
