@@ -10,6 +10,7 @@ import enum
 import itertools
 import math
 import random
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -46,6 +47,9 @@ class Request:
     # This gateway process's requests waiting to be placed, per adapter of the pool (this request
     # included): read-only, kept by the router as requests enter and leave its wait loop.
     waiting: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # How long this request has waited in the gateway so far (0 on arrival): its deadline is near when
+    # this approaches the router's wait limit.
+    waited_s: float = 0.0
 
 
 class PlacementPolicy(Protocol):
@@ -281,6 +285,124 @@ class LruPolicy:
         return WAIT
 
 
+def _least(options: Sequence[BackendState], key: Callable[[BackendState], tuple[int, ...]]) -> str:
+    return min(options, key=key).id
+
+
+class PackPolicy:
+    """Keeps each adapter's requests together where it is active and lets vLLM's own scheduler share
+    the GPU slots, holding nothing in the gateway that a backend could start on. vLLM runs at most
+    --max-loras (S) distinct adapters per step and keeps the others' requests queued inside it, first
+    come first served, until a slot frees: so a request sent to a backend whose slots are all busy loses
+    nothing it would not lose waiting in the gateway, while a request held in the gateway leaves a seat
+    empty that it could fill (bench/PLACEMENT.md). C is a backend's seats (--max-num-seqs); "active" are
+    adapters with requests in flight there, queued in vLLM or running:
+    1. active on a backend with a free seat: USE it there (the fewest requests);
+    2. registered, idle, on a backend with a free seat and a free slot: USE it there (fewest active);
+    3. being loaded anywhere: WAIT for that load (single flight: a copy is never loaded twice at once);
+    4. LOAD on a backend with a free seat and a free slot (free capacity first, else evicting the least
+       recently used idle adapter, pins and the tenant's cap honoured; then the fewest active): a second
+       copy of an adapter whose holders' seats are all taken also comes from here;
+    5. no seat with a free slot anywhere: queue it in vLLM where it is served soonest: where it is
+       active (the fewest requests: it joins its running group as seats free), else at a holder (the
+       fewest active), else loaded on the backend with the fewest active adapters;
+    6. WAIT only when no backend can hold it at all (every registered adapter busy or pinned).
+    Fair share: on a backend whose slots are all active, one tenant's adapters may take at most
+    `tenant_share` of the slots; a further cold adapter of that tenant waits in the gateway for a slot
+    to free (or goes to another backend) instead of queueing in vLLM ahead of other tenants' adapters,
+    so one tenant's burst of cold adapters cannot take every slot. A request within `urgent_s` of the
+    gateway's wait limit (`Request.waited_s`) is exempt, so it is served before its deadline.
+    Nothing depends on waiting counts, so `decide` and the store's `touch` (steps 1 and 2, with T = S)
+    agree and the hot path stays one round trip."""
+
+    name = "pack"
+    prefers_live = True
+
+    def __init__(self, tenant_share: float = 1 / 2, urgent_after_s: float = 20.0) -> None:
+        self.tenant_share = tenant_share
+        self.urgent_after_s = urgent_after_s
+
+    def target(self, slots: int) -> int:
+        return slots
+
+    @staticmethod
+    def _seat(b: BackendState) -> bool:
+        return b.seats is None or b.requests < b.seats
+
+    def _fair(self, request: Request, b: BackendState) -> bool:
+        """Whether one more adapter of this tenant may queue for a slot on b."""
+        if b.slots_taken < b.slots or request.waited_s >= self.urgent_after_s:
+            return True
+        share = max(1, math.floor(b.slots * self.tenant_share))
+        mine = sum(1 for x in b.inflight if b.tenants.get(x) == request.tenant)
+        return mine < share
+
+    def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
+        a = request.adapter
+        live = [b for b in backends if a in b.inflight]
+        seated = [b for b in live if self._seat(b)]
+        if seated:
+            return Decision(Action.USE, _least(seated, lambda b: (b.requests,)))
+        free = [b for b in backends if self._seat(b) and b.slots_taken < b.slots]
+        idle = [b for b in free if a in b.registered]
+        if idle:
+            return Decision(Action.USE, _least(idle, lambda b: (b.slots_taken, b.requests)))
+        if any(a in b.loading for b in backends):
+            return WAIT
+        load = self._load(request, free)
+        if load is not None:
+            return load
+        if live:
+            return Decision(Action.USE, _least(live, lambda b: (b.requests,)))
+        holders = [b for b in backends if a in b.registered and a not in b.evicting and self._fair(request, b)]
+        if holders:
+            return Decision(Action.USE, _least(holders, lambda b: (b.slots_taken, b.requests)))
+        return self._load(request, [b for b in backends if self._fair(request, b)]) or WAIT
+
+    @staticmethod
+    def _load(request: Request, options: Sequence[BackendState]) -> Decision | None:
+        best: tuple[tuple[int, float, int, int], Decision] | None = None
+        for b in options:
+            d = _load_or_evict(request, b)
+            if d is None:
+                continue
+            age = b.registered[d.evict] if d.evict else float("-inf")
+            key = (1 if d.evict else 0, age, b.slots_taken, b.requests)
+            if best is None or key < best[0]:
+                best = (key, d)
+        return None if best is None else best[1]
+
+
+class AffinityPolicy:
+    """Baseline: each adapter has a home backend (a stable hash of its name); its requests go there,
+    loading it (evicting the least recently used idle adapter) if needed, and spill to the next backend
+    in the ring whose seats are not all taken when home's are. Nothing is held for a slot: what a user
+    running a hash-routing proxy in front of vLLM gets."""
+
+    name = "affinity"
+    prefers_live = False
+
+    def target(self, slots: int) -> int:
+        return slots
+
+    def decide(self, request: Request, backends: Sequence[BackendState]) -> Decision:
+        if not backends:
+            return WAIT
+        ring = sorted(backends, key=attrgetter("id"))
+        home = zlib.crc32(request.adapter.encode()) % len(ring)
+        order = ring[home:] + ring[:home]
+        open_ = [b for b in order if b.seats is None or b.requests < b.seats]
+        for b in open_ + [b for b in order if b not in open_]:
+            if request.adapter in b.registered and request.adapter not in b.evicting:
+                return Decision(Action.USE, b.id)
+            if request.adapter in b.loading:
+                return WAIT
+            d = _load_or_evict(request, b)
+            if d is not None:
+                return d
+        return WAIT
+
+
 class RoundRobinPolicy:
     """Baseline: the next backend in turn, loading (and evicting LRU) there whatever lives elsewhere."""
 
@@ -324,13 +446,19 @@ class RandomPolicy(RoundRobinPolicy):
 
 
 class PolicyName(enum.StrEnum):
+    PACK = "pack"
     LRU = "lru"
+    AFFINITY = "affinity"
     ROUND_ROBIN = "round-robin"
     RANDOM = "random"
 
 
 def make_policy(name: PolicyName | str) -> PlacementPolicy:
     match PolicyName(name):
+        case PolicyName.PACK:
+            return PackPolicy()
+        case PolicyName.AFFINITY:
+            return AffinityPolicy()
         case PolicyName.LRU:
             return LruPolicy()
         case PolicyName.ROUND_ROBIN:

@@ -217,9 +217,12 @@ class Router:
         return [s for s in slots if s.id not in self.unhealthy] or slots
 
     def _overfilled(self, request: Request, started: float, now: float) -> Request:
-        if not request.overfill and now - started > self.patience_s:
-            return dataclasses.replace(request, overfill=True)
-        return request
+        """The request as the policy sees it after waiting since `started`: how long, and whether past
+        its patience (then it may overfill)."""
+        waited = now - started
+        if waited <= 0.0:
+            return request
+        return dataclasses.replace(request, overfill=request.overfill or waited > self.patience_s, waited_s=waited)
 
     async def _decide(
         self, pool: str, request: Request, slots: list[BackendSlots], started: float

@@ -1,0 +1,141 @@
+"""A step-level model of one vLLM 0.26 engine serving LoRA requests: how long each batch step takes and
+which requests it runs, for bench/placement.py's simulator.
+
+It decides what the simulator believes about vLLM, in one place, with every constant fitted to
+measurements on an H200 (bench/gpu/, figures in bench/PLACEMENT.md, "Calibration"):
+- Scheduling is vLLM's V1 scheduler (vllm/v1/core/sched/scheduler.py): every step keeps the running
+  requests, then admits waiting ones first come first served while fewer than `seats` run
+  (--max-num-seqs) and the step's token budget lasts, skipping a request whose adapter would be one
+  more distinct adapter than `slots` (--max-loras) in the step. A skipped request keeps its place.
+  So requests of adapters beyond the slots wait inside vLLM, and a slot frees when the last running
+  request of its adapter ends.
+- A step costs `base + per_seq x running + per_prefill x prompt tokens admitted`, times `lora(k)` for
+  the k distinct adapters in it, plus `activate` for each adapter that enters a GPU slot (copied from
+  host memory; the GPU slots keep the most recently used adapters).
+- Replicas sharing one GPU time-slice it: while n replicas of a GPU are mid-step, each step takes n
+  times its cost (processor sharing), so two replicas together decode as fast as one alone.
+- A runtime load (`/v1/load_lora_adapter`) runs inside the engine loop, between steps: the engine
+  decodes nothing meanwhile. The API answers after `api_load` seconds (with its victim's unload)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCost:
+    """Seconds; fitted in bench/PLACEMENT.md ("Calibration")."""
+
+    base: float = 6.65e-3  # a step's fixed cost (weights read once per step)
+    per_seq: float = 0.056e-3  # each running request's decode
+    per_prefill: float = 0.0075e-3  # each prompt token admitted in the step
+    # lora(k): the step's cost with k distinct adapters relative to one (k = 0: the base model alone).
+    lora_points: tuple[tuple[int, float], ...] = ((0, 0.79), (1, 1.0), (4, 1.02), (8, 1.24))
+    activate: float = 2e-3  # an adapter entering a GPU slot from host memory
+    api_load: tuple[float, float] = (0.060, 0.090)  # a runtime load with its victim's unload
+    token_budget: int = 8192  # --max-num-batched-tokens (vLLM's default on an H200)
+
+    def lora(self, k: int) -> float:
+        pts = self.lora_points
+        if k <= pts[0][0]:
+            return pts[0][1]
+        for (k0, f0), (k1, f1) in zip(pts, pts[1:], strict=False):
+            if k <= k1:
+                return f0 + (f1 - f0) * (k - k0) / (k1 - k0)
+        # Beyond the last point (only with more slots than measured): the last slope goes on.
+        (k0, f0), (k1, f1) = pts[-2], pts[-1]
+        return f1 + (f1 - f0) * (k - k1) / (k1 - k0)
+
+    def step(self, running: int, prefill_tokens: int, k: int, activations: int) -> float:
+        return (self.base + self.per_seq * running + self.per_prefill * prefill_tokens) * self.lora(
+            k
+        ) + self.activate * activations
+
+
+@dataclass(slots=True, eq=False)
+class EngineRequest:
+    adapter: str
+    prompt_tokens: int
+    output_tokens: int
+    payload: object = None
+    done_tokens: int = 0
+    sent: float = 0.0  # reached the engine
+    first_token: float = float("nan")
+
+
+@dataclass(slots=True, eq=False)
+class Engine:
+    """One replica's scheduler state. The simulator drives it: `begin_step` at a step's start picks the
+    batch and returns its cost; `end_step` at its end advances every request by one token."""
+
+    slots: int
+    seats: int
+    cost: EngineCost
+    waiting: list[EngineRequest] = field(default_factory=list)  # FCFS
+    running: list[EngineRequest] = field(default_factory=list)
+    gpu: OrderedDict[str, None] = field(default_factory=OrderedDict)  # adapters in GPU slots, LRU first
+    in_step: bool = False
+    activations: int = 0
+    steps: int = 0
+
+    def submit(self, req: EngineRequest) -> None:
+        self.waiting.append(req)
+
+    def begin_step(self) -> float | None:
+        """Schedules the next step; its cost in seconds, or None when there is nothing to run."""
+        running = self.running
+        loras = {r.adapter for r in running}
+        budget = self.cost.token_budget - len(running)
+        prefill = 0
+        if self.waiting and len(running) < self.seats:
+            kept: list[EngineRequest] = []
+            waiting = self.waiting
+            for i, r in enumerate(waiting):
+                if len(running) >= self.seats or budget < r.prompt_tokens:
+                    kept.extend(waiting[i:])
+                    break
+                if r.adapter not in loras and len(loras) >= self.slots:
+                    kept.append(r)
+                    continue
+                loras.add(r.adapter)
+                running.append(r)
+                budget -= r.prompt_tokens
+                prefill += r.prompt_tokens
+            self.waiting = kept
+        if not running:
+            self.in_step = False
+            return None
+        act = 0
+        for a in loras:
+            if a in self.gpu:
+                self.gpu.move_to_end(a)
+            else:
+                act += 1
+                self.gpu[a] = None
+        while len(self.gpu) > self.slots:
+            for a in self.gpu:
+                if a not in loras:
+                    del self.gpu[a]
+                    break
+        self.activations += act
+        self.in_step = True
+        self.steps += 1
+        return self.cost.step(len(running), prefill, len(loras), act)
+
+    def end_step(self, now: float) -> list[EngineRequest]:
+        """Every running request gets one token (the first ends its prefill); returns those done."""
+        done: list[EngineRequest] = []
+        keep: list[EngineRequest] = []
+        for r in self.running:
+            r.done_tokens += 1
+            if r.done_tokens == 1:
+                r.first_token = now
+            (done if r.done_tokens >= r.output_tokens else keep).append(r)
+        self.running = keep
+        self.in_step = False
+        return done
+
+    @property
+    def distinct(self) -> int:
+        return len({r.adapter for r in self.running})
