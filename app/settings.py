@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # Residency: empty means the in-process store (one gateway process); several replicas need Redis.
     REDIS_URL: str = ""
     REDIS_PREFIX: str = "lgw"
-    PLACEMENT_POLICY: str = Field("pack", pattern="^(pack|lru|affinity|round-robin|random)$")
+    PLACEMENT_POLICY: str = Field("lru", pattern="^(pack|lru|affinity|round-robin|random)$")
     # A load lock outlives a gateway that died mid-load by at most this long.
     LOAD_LOCK_TTL_S: float = Field(60.0, gt=0)
     # How long a request may wait for a slot or for someone else's load before it gets a 503.

@@ -123,7 +123,7 @@ class Result:
     wall_s: float
 
 
-_ARRIVE, _STEP, _OP, _TICK = 0, 1, 2, 3
+_ARRIVE, _STEP, _OP, _TICK, _SUBMIT, _DONE = 0, 1, 2, 3, 4, 5
 
 
 class Simulator:
@@ -164,7 +164,9 @@ class Simulator:
         self.by_id = {b.state.id: b for b in self.backends}
         if self.policy is None:  # vLLM alone holds every adapter (or the one) up front
             for b in self.backends:
-                b.state.registered = dict.fromkeys(set(self.sequence[:1] if side == SINGLE else self.names), 0.0)
+                b.state.registered = dict.fromkeys(
+                    set(self.sequence[:1] if side == SINGLE else self.names), 0.0
+                )
         self.rr = itertools.count()
         self.events: list[tuple[float, int, int, int, object]] = []
         self.seq = 0
@@ -184,18 +186,20 @@ class Simulator:
 
     def _kick(self, b: SimBackend, now: float) -> None:
         """Starts the engine's next step (or the runtime load queued first) if it is idle."""
-        if b.engine.in_step or b.in_op:
-            return
-        if b.ops:
-            d, req, _victim = b.ops[0]
-            b.in_op = True
-            self._push(now + d, _OP, b.index)
+        if b.ops and not b.in_op:
+            d, _req, _victim = b.ops[0]
+            if not self.cost.load_stalls or not b.engine.in_step:
+                b.in_op = True
+                self._push(now + d, _OP, b.index)
+        if b.engine.in_step or (b.in_op and self.cost.load_stalls):
             return
         c = b.engine.begin_step()
         if c is None:
             return
         sharing = sum(1 for o in self.backends if o.gpu == b.gpu and o.engine.in_step)
-        self._push(now + c * sharing, _STEP, b.index)
+        if sharing > 1:
+            c *= sharing * self.cost.share_overhead
+        self._push(now + c, _STEP, b.index)
 
     # --- the gateway (app/routing/router.py)
 
@@ -214,8 +218,9 @@ class Simulator:
 
     def _request(self, req: SimRequest, now: float) -> Request:
         overfill = PATIENCE_S < now - req.arrival
-        return Request(req.adapter, req.tenant, overfill=overfill, waiting=self.waiting_count,
-                       waited_s=now - req.arrival)
+        return Request(
+            req.adapter, req.tenant, overfill=overfill, waiting=self.waiting_count, waited_s=now - req.arrival
+        )
 
     def _touch(self, adapter: str) -> SimBackend | None:
         """MemoryResidency.touch: a holder where BackendSlots.has_room holds, active there first,
@@ -259,8 +264,13 @@ class Simulator:
         req.backend = b.index
         s.registered[req.adapter] = now
         s.inflight[req.adapter] = s.inflight.get(req.adapter, 0) + 1
-        b.engine.submit(EngineRequest(req.adapter, PROMPT_TOKENS, OUTPUT_TOKENS, req, sent=now))
-        self._kick(b, now)
+        # The API server's own time before the engine sees it (and after its last token, below).
+        self._push(
+            now + self.cost.request_overhead / 2,
+            _SUBMIT,
+            b.index,
+            EngineRequest(req.adapter, PROMPT_TOKENS, OUTPUT_TOKENS, req, sent=now),
+        )
 
     def _load(self, req: SimRequest, b: SimBackend, victim: str | None, now: float) -> None:
         """`reserve` (its checks as assertions), then the runtime load queued on the engine."""
@@ -347,19 +357,29 @@ class Simulator:
                 for er in done:
                     req = er.payload
                     assert isinstance(req, SimRequest)
-                    req.done, req.first_token = now, er.first_token
+                    req.first_token = er.first_token + self.cost.request_overhead / 2
                     s = b.state
                     left = s.inflight[req.adapter] - 1
                     if left:
                         s.inflight[req.adapter] = left
                     else:
                         del s.inflight[req.adapter]
-                    self._next(req, now)
+                    self._push(now + self.cost.request_overhead / 2, _DONE, b.index, req)
                 self._kick(b, now)
                 # The other replicas of this GPU were slowed by this step while it ran: their next
                 # steps see the change when they begin (processor sharing, decided per step).
                 if done:
                     self._retry(now)
+            elif kind == _SUBMIT:
+                b = self.backends[i]
+                assert isinstance(_payload, EngineRequest)
+                b.engine.submit(_payload)
+                self._kick(b, now)
+            elif kind == _DONE:
+                req = _payload
+                assert isinstance(req, SimRequest)
+                req.done = now
+                self._next(req, now)
             elif kind == _OP:
                 self._op_done(self.backends[i], now)
                 self._retry(now)
@@ -440,31 +460,47 @@ def judge(fleet: Fleet, wl_label: str, results: list[Result]) -> list[tuple[bool
     out = [(me.failed == 0, f"{PRODUCT} fails no request ({me.failed} 503s)")]
     best_goodput = max(b.goodput_tok_s for b in base)
     # 1% is the run-to-run noise of goodput in the simulator (and well below the GPU's).
-    out.append((me.goodput_tok_s >= 0.99 * best_goodput,
-                f"{PRODUCT} goodput {me.goodput_tok_s:.0f} >= best baseline {best_goodput:.0f} (-1%)"))
+    out.append(
+        (
+            me.goodput_tok_s >= 0.99 * best_goodput,
+            f"{PRODUCT} goodput {me.goodput_tok_s:.0f} >= best baseline {best_goodput:.0f} (-1%)",
+        )
+    )
     best_p99 = min(b.p99_s for b in base if b.p99_s is not None)
     if me.p99_s is not None:
-        out.append((me.p99_s <= best_p99 * 1.01, f"{PRODUCT} p99 {me.p99_s:.2f} s <= best baseline {best_p99:.2f} s"))
+        out.append(
+            (me.p99_s <= best_p99 * 1.01, f"{PRODUCT} p99 {me.p99_s:.2f} s <= best baseline {best_p99:.2f} s")
+        )
     if fleet.name == "gpu" and wl_label == "closed:1" and me.fraction is not None:
-        out.append((me.fraction >= GOAL_FRACTION_1X,
-                    f"{PRODUCT} {me.fraction:.3f} of the single-adapter rate >= {GOAL_FRACTION_1X}"))
+        out.append(
+            (
+                me.fraction >= GOAL_FRACTION_1X,
+                f"{PRODUCT} {me.fraction:.3f} of the single-adapter rate >= {GOAL_FRACTION_1X}",
+            )
+        )
     return out
 
 
 def render(fleet: Fleet, wl: Workload, results: list[Result], gpu: dict[str, dict[str, object]]) -> str:
-    head = (f"{fleet.name}: Zipf({wl.zipf_s:g}) over {fleet.adapters} adapters of {fleet.tenants} tenants, "
-            f"{fleet.backends} backends x {fleet.slots} slots x {fleet.seats} seats ({fleet.per_gpu} per GPU), "
-            f"capacity {fleet.capacity}; {wl.label} ({'x seats' if wl.loop == 'closed' else 'x single rate'}); "
-            f"{wl.seconds:g} s measured after {wl.warm:g} s; seed {wl.seed}")
-    cols = (f"{'side':<12} {'tok/s':>6} {'frac':>5} {'p50 s':>6} {'p99 s':>6} {'ttft50':>6} {'ttft99':>6} "
-            f"{'503s':>5} {'loads':>5} {'run/b':>5} {'vq/b':>5} {'gwq':>5}")
+    head = (
+        f"{fleet.name}: Zipf({wl.zipf_s:g}) over {fleet.adapters} adapters of {fleet.tenants} tenants, "
+        f"{fleet.backends} backends x {fleet.slots} slots x {fleet.seats} seats ({fleet.per_gpu} per GPU), "
+        f"capacity {fleet.capacity}; {wl.label} ({'x seats' if wl.loop == 'closed' else 'x single rate'}); "
+        f"{wl.seconds:g} s measured after {wl.warm:g} s; seed {wl.seed}"
+    )
+    cols = (
+        f"{'side':<12} {'tok/s':>6} {'frac':>5} {'p50 s':>6} {'p99 s':>6} {'ttft50':>6} {'ttft99':>6} "
+        f"{'503s':>5} {'loads':>5} {'run/b':>5} {'vq/b':>5} {'gwq':>5}"
+    )
     if gpu:
         cols += f" | {'GPU tok/s':>9} {'sim/GPU':>7} {'GPU p99':>7} {'GPU 503':>7}"
     lines = [head, cols]
     for r in results:
-        line = (f"{r.side:<12} {r.goodput_tok_s:>6.0f} {r.fraction or 0:>5.3f} {r.p50_s or 0:>6.2f} "
-                f"{r.p99_s or 0:>6.2f} {r.ttft_p50_s or 0:>6.2f} {r.ttft_p99_s or 0:>6.2f} {r.failed:>5d} "
-                f"{r.loads:>5d} {r.mean_running:>5.1f} {r.mean_waiting_vllm:>5.1f} {r.mean_waiting_gateway:>5.1f}")
+        line = (
+            f"{r.side:<12} {r.goodput_tok_s:>6.0f} {r.fraction or 0:>5.3f} {r.p50_s or 0:>6.2f} "
+            f"{r.p99_s or 0:>6.2f} {r.ttft_p50_s or 0:>6.2f} {r.ttft_p99_s or 0:>6.2f} {r.failed:>5d} "
+            f"{r.loads:>5d} {r.mean_running:>5.1f} {r.mean_waiting_vllm:>5.1f} {r.mean_waiting_gateway:>5.1f}"
+        )
         g = gpu.get(r.side)
         if g:
             gt = float(g["goodput_tok_s"])  # type: ignore[arg-type]
@@ -485,14 +521,15 @@ def load_gpu(path: str | None) -> dict[str, dict[str, dict[str, object]]]:
             if d.get("kind") != "run":
                 continue
             side = str(d["side"])
-            side = side[3:] if side.startswith("gw-") else side
+            side = side.removeprefix("gw-")
             out.setdefault(f"{d['loop']}:{float(d['level']):g}", {})[side] = d
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--fleet", default="gpu,large", help=f"comma list of {', '.join(FLEETS)}")
     ap.add_argument("--runs", default=",".join(JUDGED_RUNS), help="comma list of closed:X / open:Y")
     ap.add_argument("--sides", default=",".join(DEFAULT_SIDES), help="direct, single, or policy names")
@@ -501,16 +538,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--gpu-results", help="bench/gpu/fleet.py's results.jsonl, to print beside (gpu fleet)")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
+    ap.add_argument(
+        "--load-s",
+        help="a runtime load's duration range LO,HI in seconds (default: the "
+        "2.5-3 s seen in the gateway runs; 0.10,0.17 is a load issued by itself)",
+    )
+    ap.add_argument("--load-stalls", action="store_true", help="the engine decodes nothing during a load")
     args = ap.parse_args(argv)
     cost = EngineCost()
+    if args.load_s:
+        lo, hi = (float(x) for x in args.load_s.split(","))
+        cost = replace(cost, api_load=(lo, hi))
+    if args.load_stalls:
+        cost = replace(cost, load_stalls=True)
     gpu = load_gpu(args.gpu_results)
     ok, everything = True, []
     for fname in args.fleet.split(","):
         fleet = FLEETS[fname.strip()]
         base = Workload(fleet, "closed", 1.0, seconds=args.seconds, warm=args.warm, seed=args.seed)
         single = simulate(base, SINGLE, cost, None)
-        print(f"{fleet.name}: single-adapter rate {single.goodput_tok_s:.0f} tok/s "  # noqa: T201
-              f"(closed loop at 1x seats, one adapter on every replica)\n", flush=True)
+        print(
+            f"{fleet.name}: single-adapter rate {single.goodput_tok_s:.0f} tok/s "  # noqa: T201
+            f"(closed loop at 1x seats, one adapter on every replica)\n",
+            flush=True,
+        )
         for run in args.runs.split(","):
             loop, level = run.strip().split(":")
             wl = replace(base, loop=loop, level=float(level))
@@ -521,8 +572,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ok &= passed
                 text += f"\n{'PASS' if passed else 'MISS'}  {what}"
             print(text + "\n", flush=True)  # noqa: T201
-            everything.append({"fleet": asdict(fleet), "workload": wl.label, "single_tok_s": single.goodput_tok_s,
-                               "results": [asdict(r) for r in results]})
+            everything.append(
+                {
+                    "fleet": asdict(fleet),
+                    "workload": wl.label,
+                    "single_tok_s": single.goodput_tok_s,
+                    "results": [asdict(r) for r in results],
+                }
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(everything, f, indent=2)

@@ -354,7 +354,9 @@ class PackPolicy:
             return load
         if live:
             return Decision(Action.USE, _least(live, lambda b: (b.requests,)))
-        holders = [b for b in backends if a in b.registered and a not in b.evicting and self._fair(request, b)]
+        holders = [
+            b for b in backends if a in b.registered and a not in b.evicting and self._fair(request, b)
+        ]
         if holders:
             return Decision(Action.USE, _least(holders, lambda b: (b.slots_taken, b.requests)))
         return self._load(request, [b for b in backends if self._fair(request, b)]) or WAIT

@@ -222,7 +222,9 @@ class Router:
         waited = now - started
         if waited <= 0.0:
             return request
-        return dataclasses.replace(request, overfill=request.overfill or waited > self.patience_s, waited_s=waited)
+        return dataclasses.replace(
+            request, overfill=request.overfill or waited > self.patience_s, waited_s=waited
+        )
 
     async def _decide(
         self, pool: str, request: Request, slots: list[BackendSlots], started: float

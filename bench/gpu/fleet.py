@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import Load, Route, dump, summarize, zipf_picker  # noqa: E402
+from load import Load, Route, dump, summarize, zipf_picker
 
 E = os.environ.get
 ROOT = Path(__file__).resolve().parents[2]  # the project checkout
@@ -58,7 +58,7 @@ T0 = time.perf_counter()
 
 def emit(kind: str, obj: dict[str, object]) -> None:
     line = json.dumps({"kind": kind, "at_s": round(time.perf_counter() - T0, 1), **obj})
-    print(line, flush=True)
+    print(line, flush=True)  # noqa: T201 - the run's output
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "results.jsonl", "a") as f:
         f.write(line + "\n")
@@ -77,7 +77,9 @@ def served(url: str) -> list[str]:
 
 def load_adapter(url: str, name: str, path: Path) -> float:
     t = time.perf_counter()
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=300)
+    r = httpx.post(
+        url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=300
+    )
     if r.status_code != 200 and "already" not in r.text:
         raise SystemExit(f"load {name} on {url}: {r.status_code} {r.text[:200]}")
     return time.perf_counter() - t
@@ -93,7 +95,10 @@ def unload_all(url: str, keep: Callable[[str], bool] = lambda name: False) -> in
 
 
 def log_offsets() -> dict[str, int]:
-    return {r: (LOGS / f"vllm-{r}.log").stat().st_size if (LOGS / f"vllm-{r}.log").exists() else 0 for r in REPLICAS}
+    return {
+        r: (LOGS / f"vllm-{r}.log").stat().st_size if (LOGS / f"vllm-{r}.log").exists() else 0
+        for r in REPLICAS
+    }
 
 
 def log_events(offsets: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -113,7 +118,7 @@ def log_events(offsets: dict[str, int]) -> dict[str, dict[str, int]]:
     return out
 
 
-_METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))\{[^}]*\} ([0-9.e+]+)$", re.M)
+_METRIC = re.compile(r"^(vllm:num_requests_(?:running|waiting))\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
 
 
 class EngineSampler:
@@ -131,7 +136,10 @@ class EngineSampler:
                         text = (await c.get(url + "/metrics")).text
                         vals = {m.group(1): float(m.group(2)) for m in _METRIC.finditer(text)}
                         self.samples[r].append(
-                            (vals.get("vllm:num_requests_running", 0), vals.get("vllm:num_requests_waiting", 0))
+                            (
+                                vals.get("vllm:num_requests_running", 0),
+                                vals.get("vllm:num_requests_waiting", 0),
+                            )
                         )
                     except httpx.HTTPError:
                         pass
@@ -194,10 +202,14 @@ def gateway_start(policy: str) -> int:
     env = gateway_env(policy)
     py = sys.executable
     subprocess.run([py, "-m", "app.cli", "migrate"], cwd=DATA, env=env, check=True, capture_output=True)
-    log = open(LOGS / f"gateway-{policy}.log", "ab")
+    log = open(LOGS / f"gateway-{policy}.log", "ab")  # noqa: SIM115 - the child keeps it
     p = subprocess.Popen(
         [py, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", "8080"],
-        cwd=DATA, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cwd=DATA,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     (DATA / "gateway.pid").write_text(str(p.pid))
@@ -210,7 +222,9 @@ def gateway_start(policy: str) -> int:
         if p.poll() is not None:
             break
         time.sleep(0.2)
-    raise SystemExit(f"gateway ({policy}) did not start: {(LOGS / f'gateway-{policy}.log').read_text()[-2000:]}")
+    raise SystemExit(
+        f"gateway ({policy}) did not start: {(LOGS / f'gateway-{policy}.log').read_text()[-2000:]}"
+    )
 
 
 def provision() -> dict[str, object]:
@@ -218,7 +232,9 @@ def provision() -> dict[str, object]:
     state_file = DATA / "fleet-state.json"
     if state_file.exists():
         return json.loads(state_file.read_text())
-    admin = httpx.Client(base_url=GATEWAY + "/admin/v1", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300)
+    admin = httpx.Client(
+        base_url=GATEWAY + "/admin/v1", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300
+    )
 
     def ok(r: httpx.Response) -> dict[str, object]:
         if r.status_code >= 300:
@@ -227,10 +243,20 @@ def provision() -> dict[str, object]:
 
     ok(admin.post("/base-models", json={"name": BASE, "path": str(MODEL / "base")}))
     for r, url in REPLICAS.items():
-        ok(admin.post("/backends", json={
-            "name": f"vllm-{r.lower()}", "url": url, "base_model": BASE, "gpu_slots": SLOTS,
-            "max_lora_rank": 16, "capacity": CAPACITY, "max_num_seqs": SEATS,
-        }))
+        ok(
+            admin.post(
+                "/backends",
+                json={
+                    "name": f"vllm-{r.lower()}",
+                    "url": url,
+                    "base_model": BASE,
+                    "gpu_slots": SLOTS,
+                    "max_lora_rank": 16,
+                    "capacity": CAPACITY,
+                    "max_num_seqs": SEATS,
+                },
+            )
+        )
     keys = {}
     for t in range(TENANTS):
         ok(admin.post("/tenants", json={"name": f"t{t}"}))
@@ -238,12 +264,16 @@ def provision() -> dict[str, object]:
     t = time.perf_counter()
     for i, name in enumerate(NAMES):
         d = MODEL / f"lora{i}"
-        files = [("file", (n, (d / n).read_bytes(), "application/octet-stream"))
-                 for n in ("adapter_config.json", "adapter_model.safetensors")]
+        files = [
+            ("file", (n, (d / n).read_bytes(), "application/octet-stream"))
+            for n in ("adapter_config.json", "adapter_model.safetensors")
+        ]
         ok(admin.post(f"/tenants/{tenant_of(i)}/adapters", data={"name": name}, files=files))
     state = {"keys": keys}
     state_file.write_text(json.dumps(state))
-    emit("provision", {"adapters": ADAPTERS, "tenants": TENANTS, "upload_s": round(time.perf_counter() - t, 1)})
+    emit(
+        "provision", {"adapters": ADAPTERS, "tenants": TENANTS, "upload_s": round(time.perf_counter() - t, 1)}
+    )
     return state
 
 
@@ -271,11 +301,13 @@ def single_rate() -> float:
     raise SystemExit("run single:closed:1 first: the open-loop rates are shares of its goodput")
 
 
-async def measure(load: Load, pick: Callable[[], str], loop: str, level: float, seconds: float,
-                  warm: float) -> dict[str, object]:
+async def measure(
+    load: Load, pick: Callable[[], str], loop: str, level: float, seconds: float, warm: float
+) -> dict[str, object]:
     sampler = EngineSampler()
     seats = SEATS * len(REPLICAS)
     if loop == "closed":
+
         async def later() -> None:
             await asyncio.sleep(warm)
             sampler.start()
@@ -286,6 +318,7 @@ async def measure(load: Load, pick: Callable[[], str], loop: str, level: float, 
         w0, w1 = start + warm, stop
     else:
         rate = level * single_rate() / load.output_tokens
+
         async def later() -> None:
             await asyncio.sleep(warm)
             sampler.start()
@@ -295,8 +328,7 @@ async def measure(load: Load, pick: Callable[[], str], loop: str, level: float, 
         await starter
         w0, w1 = start + warm, stop
     engine = sampler.stop()
-    return {**summarize(load.records, w0, w1, closed=loop == "closed"), "engine": engine,
-            "origin": start}
+    return {**summarize(load.records, w0, w1, closed=loop == "closed"), "engine": engine, "origin": start}
 
 
 def run(spec: str, seconds: float, warm: float, records: bool) -> None:
@@ -317,7 +349,7 @@ def run(spec: str, seconds: float, warm: float, records: bool) -> None:
             unload_all(url)  # the gateway starts cold: vLLM holds none of its adapters
         gateway_start(side[3:])
         keys = provision()["keys"]
-        route = lambda adapter: Route(GATEWAY, adapter, keys[tenant_of(NAMES.index(adapter))])  # noqa: E731
+        route = lambda adapter: Route(GATEWAY, adapter, keys[tenant_of(NAMES.index(adapter))])
         pick = zipf_picker(NAMES, ZIPF_S, seed=3)
     else:
         raise SystemExit(f"{spec}: SIDE must be direct, single or gw-<policy>")
@@ -325,8 +357,16 @@ def run(spec: str, seconds: float, warm: float, records: bool) -> None:
     load = Load(route)
     summary = asyncio.run(measure(load, pick, loop, level, seconds, warm))
     origin = summary.pop("origin")
-    result = {"spec": spec, "side": side, "loop": loop, "level": level, "seconds": seconds, "warm": warm,
-              **summary, "vllm": log_events(offsets)}
+    result = {
+        "spec": spec,
+        "side": side,
+        "loop": loop,
+        "level": level,
+        "seconds": seconds,
+        "warm": warm,
+        **summary,
+        "vllm": log_events(offsets),
+    }
     if side.startswith("gw-"):
         gateway_stop()
     if side == "single":
@@ -356,8 +396,14 @@ def calibrate(seconds: float) -> None:
         httpx.post(a + "/v1/unload_lora_adapter", json={"lora_name": f"cal-{i}"}, timeout=60)
     emit("calibrate", {"what": "load on idle A", "load_s": loads})
 
-    async def one(label: str, urls: Sequence[str], adapters: Sequence[str], conc: int,
-                  load_during: bool = False, together: bool = False) -> None:
+    async def one(
+        label: str,
+        urls: Sequence[str],
+        adapters: Sequence[str],
+        conc: int,
+        load_during: bool = False,
+        together: bool = False,
+    ) -> None:
         cycle = itertools.cycle(urls)
         names = itertools.cycle(adapters)
         load = Load(lambda ad: Route(next(cycle), f"direct-{ad}"))
@@ -368,13 +414,19 @@ def calibrate(seconds: float) -> None:
             await asyncio.sleep(seconds / 2)
             if together:
                 t = time.perf_counter()
-                done = await asyncio.gather(*(asyncio.to_thread(load_adapter, a, f"cal-{i}", MODEL / f"lora{40 + i}")
-                                              for i in range(4)))
+                done = await asyncio.gather(
+                    *(
+                        asyncio.to_thread(load_adapter, a, f"cal-{i}", MODEL / f"lora{40 + i}")
+                        for i in range(4)
+                    )
+                )
                 load_times.extend(round(x, 3) for x in done)
                 load_times.append(round(time.perf_counter() - t, 3))
                 return
             for i in range(4):
-                load_times.append(round(await asyncio.to_thread(load_adapter, a, f"cal-{i}", MODEL / f"lora{40 + i}"), 3))
+                load_times.append(
+                    round(await asyncio.to_thread(load_adapter, a, f"cal-{i}", MODEL / f"lora{40 + i}"), 3)
+                )
                 await asyncio.sleep(1.0)
 
         async def go() -> tuple[float, float]:
@@ -387,11 +439,21 @@ def calibrate(seconds: float) -> None:
 
         start, stop = await go()
         summary = summarize(load.records, start + 5, stop, closed=True)
-        emit("calibrate", {"what": label, "replicas": len(urls), "adapters": len(adapters), "conc": conc,
-                           **summary, "engine": sampler.stop(), **({"load_s": load_times} if load_during else {})})
+        emit(
+            "calibrate",
+            {
+                "what": label,
+                "replicas": len(urls),
+                "adapters": len(adapters),
+                "conc": conc,
+                **summary,
+                "engine": sampler.stop(),
+                **({"load_s": load_times} if load_during else {}),
+            },
+        )
         if load_during:
             for i in range(4):
-                httpx.post(a + "/v1/unload_lora_adapter", json={"lora_name": f"cal-{i}"}, timeout=60)
+                httpx.post(a + "/v1/unload_lora_adapter", json={"lora_name": f"cal-{i}"}, timeout=60)  # noqa: ASYNC210 - between runs
 
     one_ad = NAMES[:1]
     for conc in (1, 8, 32, 64):
@@ -402,8 +464,9 @@ def calibrate(seconds: float) -> None:
         asyncio.run(one("more adapters in flight than slots", [a], NAMES[:k], 64))
     asyncio.run(one("both replicas share the GPU, 1 adapter", [a, b], one_ad, 128))
     asyncio.run(one("loads while A decodes 8 adapters", [a], NAMES[:8], 64, load_during=True))
-    asyncio.run(one("4 loads at once while A decodes 8 adapters", [a], NAMES[:8], 64, load_during=True,
-                    together=True))
+    asyncio.run(
+        one("4 loads at once while A decodes 8 adapters", [a], NAMES[:8], 64, load_during=True, together=True)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -25,9 +25,19 @@ def main(out: str, n_adapters: int, layers: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                        rope_theta=1e6, sliding_window=None, bos_token_id=1, eos_token_id=2)
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if not os.path.exists(f"{out}/base/config.json"):
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -44,15 +54,32 @@ def main(out: str, n_adapters: int, layers: int) -> None:
         for i in range(layers):
             for mod, (fin, fout) in SHAPES.items():
                 p = f"base_model.model.model.layers.{i}.self_attn.{mod}"
-                tensors[f"{p}.lora_A.weight"] = (torch.randn(RANK, fin, device="cuda", generator=g) * 0.02).bfloat16().cpu()
-                tensors[f"{p}.lora_B.weight"] = (torch.randn(fout, RANK, device="cuda", generator=g) * 0.02).bfloat16().cpu()
+                tensors[f"{p}.lora_A.weight"] = (
+                    (torch.randn(RANK, fin, device="cuda", generator=g) * 0.02).bfloat16().cpu()
+                )
+                tensors[f"{p}.lora_B.weight"] = (
+                    (torch.randn(fout, RANK, device="cuda", generator=g) * 0.02).bfloat16().cpu()
+                )
         save_file(tensors, f"{d}/adapter_model.safetensors")
         with open(f"{d}/adapter_config.json", "w") as f:
-            json.dump({"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": list(SHAPES),
-                       "base_model_name_or_path": f"{out}/base", "task_type": "CAUSAL_LM", "bias": "none",
-                       "fan_in_fan_out": False, "lora_dropout": 0.0, "modules_to_save": None,
-                       "use_rslora": False, "use_dora": False}, f)
-    print(f"model and {n_adapters} adapters in {time.time() - t0:.1f}s", flush=True)
+            json.dump(
+                {
+                    "peft_type": "LORA",
+                    "r": RANK,
+                    "lora_alpha": 32,
+                    "target_modules": list(SHAPES),
+                    "base_model_name_or_path": f"{out}/base",
+                    "task_type": "CAUSAL_LM",
+                    "bias": "none",
+                    "fan_in_fan_out": False,
+                    "lora_dropout": 0.0,
+                    "modules_to_save": None,
+                    "use_rslora": False,
+                    "use_dora": False,
+                },
+                f,
+            )
+    print(f"model and {n_adapters} adapters in {time.time() - t0:.1f}s", flush=True)  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from app.residency.state import BackendState
+from app.residency.state import BackendSlots, BackendState
 from app.routing.policy import (
     Action,
+    AffinityPolicy,
     Decision,
     LruPolicy,
+    PackPolicy,
     RandomPolicy,
     Request,
     RoundRobinPolicy,
@@ -322,3 +324,120 @@ class TestLruHandover:
         b = self.at_target()
         assert self.policy.decide(Request("w", "t1"), [b]).action is Action.WAIT
         assert self.policy.decide(Request("a1", "t1"), [b]) == Decision(Action.USE, "b1")
+
+
+class TestPack:
+    """PackPolicy: keeps an adapter's requests where it is active, lets vLLM queue what cannot run yet,
+    and holds in the gateway only what no backend can hold, or a tenant's share beyond its fair part."""
+
+    policy = PackPolicy()
+
+    def test_joins_where_active_with_a_seat(self) -> None:
+        b1 = backend("b1", slots=2, seats=4, registered={"x": 1.0, "y": 1.0}, inflight={"x": 2, "y": 1})
+        b2 = backend("b2", slots=2, seats=4)
+        assert self.policy.decide(REQ, [b1, b2]) == Decision(Action.USE, "b1")
+
+    def test_a_second_copy_where_a_slot_and_seat_are_free_when_holders_are_full(self) -> None:
+        full = backend("b1", slots=2, seats=2, registered={"x": 1.0}, inflight={"x": 2})
+        free = backend("b2", slots=2, seats=2)
+        assert self.policy.decide(REQ, [full, free]) == Decision(Action.LOAD, "b2")
+
+    def test_queues_in_vllm_rather_than_waiting_when_every_slot_is_busy(self) -> None:
+        # Both backends have every slot active: the request goes through to its holder, where vLLM
+        # runs it as soon as a slot frees there; the old rule (lru) held it in the gateway.
+        others = {"a": "t2", "b": "t2", "c": "t2", "d": "t2"}
+        b1 = backend(
+            "b1",
+            slots=2,
+            seats=8,
+            registered={"x": 1.0, "a": 2.0, "b": 3.0},
+            inflight={"a": 1, "b": 1},
+            tenants={"x": "t1", **others},
+        )
+        b2 = backend(
+            "b2", slots=2, seats=8, registered={"c": 1.0, "d": 1.0}, inflight={"c": 1, "d": 1}, tenants=others
+        )
+        assert self.policy.decide(REQ, [b1, b2]) == Decision(Action.USE, "b1")
+        assert LruPolicy().decide(REQ, [b1, b2]).action is Action.WAIT
+
+    def test_waits_only_when_no_backend_can_hold_it(self) -> None:
+        busy = backend(
+            "b1",
+            slots=2,
+            capacity=2,
+            seats=8,
+            registered={"a": 1.0, "b": 1.0},
+            inflight={"a": 1, "b": 1},
+            tenants={"a": "t2", "b": "t2"},
+        )
+        assert self.policy.decide(REQ, [busy]).action is Action.WAIT
+        idle = backend("b1", slots=2, capacity=2, seats=8, registered={"a": 1.0, "b": 2.0}, inflight={"b": 1})
+        assert self.policy.decide(REQ, [idle]) == Decision(Action.LOAD, "b1", "a")
+
+    def test_single_flight_while_a_load_is_under_way(self) -> None:
+        b1 = backend("b1", slots=2, seats=8, loading={"x"})
+        b2 = backend("b2", slots=2, seats=8)
+        assert self.policy.decide(REQ, [b1, b2]).action is Action.WAIT
+
+    def test_one_tenants_cold_burst_cannot_take_every_slot(self) -> None:
+        # 4 slots, all active, 3 of them the greedy tenant's: its share (1/2) is used up, so its next
+        # cold adapter waits in the gateway; another tenant's cold adapter still queues for a slot.
+        tenants = {"g1": "greedy", "g2": "greedy", "g3": "greedy", "o1": "other", "x": "greedy", "y": "other"}
+        b = backend(
+            "b1",
+            slots=4,
+            capacity=8,
+            seats=64,
+            registered=dict.fromkeys(tenants, 1.0),
+            inflight={"g1": 3, "g2": 3, "g3": 1, "o1": 1},
+            tenants=tenants,
+        )
+        assert self.policy.decide(Request("x", "greedy"), [b]).action is Action.WAIT
+        assert self.policy.decide(Request("y", "other"), [b]) == Decision(Action.USE, "b1")
+
+    def test_near_its_deadline_a_request_is_not_held_for_fairness(self) -> None:
+        tenants = {"g1": "greedy", "g2": "greedy", "o1": "other", "o2": "other", "x": "greedy"}
+        b = backend(
+            "b1",
+            slots=4,
+            capacity=8,
+            seats=64,
+            registered=dict.fromkeys(tenants, 1.0),
+            inflight={"g1": 3, "g2": 3, "o1": 1, "o2": 1},
+            tenants=tenants,
+        )
+        urgent = Request("x", "greedy", waited_s=self.policy.urgent_after_s)
+        assert self.policy.decide(urgent, [b]) == Decision(Action.USE, "b1")
+
+    def test_touch_and_decide_agree_with_a_free_slot(self) -> None:
+        # The store's hot path (BackendSlots.has_room with T = all slots) takes what steps 1-2 would.
+        assert self.policy.target(8) == 8
+        slots = BackendSlots("b1", slots=2, capacity=4, seats=4, target=self.policy.target(2))
+        assert slots.has_room(mine=0, requests=1, taken=1)
+        b = backend("b1", slots=2, capacity=4, seats=4, registered={"x": 1.0, "a": 1.0}, inflight={"a": 1})
+        assert self.policy.decide(REQ, [b]) == Decision(Action.USE, "b1")
+
+
+class TestAffinity:
+    policy = AffinityPolicy()
+
+    def test_same_home_every_time_whatever_the_load_elsewhere(self) -> None:
+        homes = {
+            self.policy.decide(Request(f"a{i}", "t1"), [backend("b1"), backend("b2")]).backend
+            for i in range(40)
+        }
+        assert homes == {"b1", "b2"}  # spread by the hash...
+        first = self.policy.decide(Request("a7", "t1"), [backend("b1"), backend("b2")])
+        again = self.policy.decide(Request("a7", "t1"), [backend("b2"), backend("b1", inflight={"z": 5})])
+        assert first == again  # ...and stable: the order and load of the list do not move it
+
+    def test_spills_to_the_next_backend_when_home_seats_are_full(self) -> None:
+        home = self.policy.decide(REQ, [backend("b1"), backend("b2")]).backend
+        other = "b2" if home == "b1" else "b1"
+        full = backend(home, seats=2, inflight={"z": 2}, registered={"z": 1.0})
+        assert self.policy.decide(REQ, [full, backend(other, seats=2)]) == Decision(Action.LOAD, other)
+
+    def test_never_holds_a_request_a_backend_could_take(self) -> None:
+        b1 = backend("b1", slots=1, seats=1, registered={"x": 1.0}, inflight={"y": 1})
+        b2 = backend("b2", slots=1, seats=1, registered={"x": 1.0}, inflight={"y": 1})
+        assert self.policy.decide(REQ, [b1, b2]).action is Action.USE
