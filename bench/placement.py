@@ -533,8 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fleet", default="gpu,large", help=f"comma list of {', '.join(FLEETS)}")
     ap.add_argument("--runs", default=",".join(JUDGED_RUNS), help="comma list of closed:X / open:Y")
     ap.add_argument("--sides", default=",".join(DEFAULT_SIDES), help="direct, single, or policy names")
-    ap.add_argument("--seconds", type=float, default=240.0)
-    ap.add_argument("--warm", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--warm", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--gpu-results", help="bench/gpu/fleet.py's results.jsonl, to print beside (gpu fleet)")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
@@ -557,8 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet = FLEETS[fname.strip()]
         base = Workload(fleet, "closed", 1.0, seconds=args.seconds, warm=args.warm, seed=args.seed)
         single = simulate(base, SINGLE, cost, None)
-        print(
-            f"{fleet.name}: single-adapter rate {single.goodput_tok_s:.0f} tok/s "  # noqa: T201
+        print(  # noqa: T201
+            f"{fleet.name}: single-adapter rate {single.goodput_tok_s:.0f} tok/s "
             f"(closed loop at 1x seats, one adapter on every replica)\n",
             flush=True,
         )
