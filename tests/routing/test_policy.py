@@ -379,11 +379,11 @@ class TestPack:
         b2 = backend("b2", slots=2, seats=8)
         assert self.policy.decide(REQ, [b1, b2]).action is Action.WAIT
 
-    def test_one_tenants_cold_burst_cannot_take_every_slot(self) -> None:
-        # 4 slots, all active, 3 of them the greedy tenant's: its share (1/2) is used up, so its next
-        # cold adapter waits in the gateway; another tenant's cold adapter still queues for a slot.
+    @staticmethod
+    def _crowded() -> BackendState:
+        """4 slots, all active, 3 of them the greedy tenant's; x (greedy) and y (other) registered, idle."""
         tenants = {"g1": "greedy", "g2": "greedy", "g3": "greedy", "o1": "other", "x": "greedy", "y": "other"}
-        b = backend(
+        return backend(
             "b1",
             slots=4,
             capacity=8,
@@ -392,20 +392,18 @@ class TestPack:
             inflight={"g1": 3, "g2": 3, "g3": 1, "o1": 1},
             tenants=tenants,
         )
+
+    def test_one_tenants_cold_burst_cannot_take_every_slot(self) -> None:
+        # The greedy tenant's share (1/2 of the slots) is used up, so its next cold adapter waits in the
+        # gateway; another tenant's cold adapter still queues in vLLM for a slot.
+        b = self._crowded()
         assert self.policy.decide(Request("x", "greedy"), [b]).action is Action.WAIT
         assert self.policy.decide(Request("y", "other"), [b]) == Decision(Action.USE, "b1")
 
     def test_near_its_deadline_a_request_is_not_held_for_fairness(self) -> None:
-        tenants = {"g1": "greedy", "g2": "greedy", "o1": "other", "o2": "other", "x": "greedy"}
-        b = backend(
-            "b1",
-            slots=4,
-            capacity=8,
-            seats=64,
-            registered=dict.fromkeys(tenants, 1.0),
-            inflight={"g1": 3, "g2": 3, "o1": 1, "o2": 1},
-            tenants=tenants,
-        )
+        b = self._crowded()
+        almost = Request("x", "greedy", waited_s=self.policy.urgent_after_s - 0.1)
+        assert self.policy.decide(almost, [b]).action is Action.WAIT
         urgent = Request("x", "greedy", waited_s=self.policy.urgent_after_s)
         assert self.policy.decide(urgent, [b]) == Decision(Action.USE, "b1")
 
