@@ -310,8 +310,9 @@ class PackPolicy:
     Fair share: on a backend whose slots are all active, one tenant's adapters may take at most
     `tenant_share` of the slots; a further cold adapter of that tenant waits in the gateway for a slot
     to free (or goes to another backend) instead of queueing in vLLM ahead of other tenants' adapters,
-    so one tenant's burst of cold adapters cannot take every slot. A request within `urgent_s` of the
-    gateway's wait limit (`Request.waited_s`) is exempt, so it is served before its deadline.
+    so one tenant's burst of cold adapters cannot take every slot. A request that has waited
+    `urgent_after_s` (`Request.waited_s`; 20 s of the router's 30 s limit by default) is exempt, so it
+    is served before its deadline.
     Nothing depends on waiting counts, so `decide` and the store's `touch` (steps 1 and 2, with T = S)
     agree and the hot path stays one round trip."""
 
