@@ -467,6 +467,9 @@ def calibrate(seconds: float) -> None:
     asyncio.run(
         one("4 loads at once while A decodes 8 adapters", [a], NAMES[:8], 64, load_during=True, together=True)
     )
+    # The state every gateway run was in when loads came only every 2.5-3 s: more adapters in flight
+    # than GPU slots, so vLLM swaps slots every step and a runtime load also takes one (PLACEMENT.md).
+    asyncio.run(one("loads while A decodes 16 adapters on 8 slots", [a], NAMES[:16], 64, load_during=True))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
