@@ -84,11 +84,9 @@ class SimRequest:
     tenant: str
     client: int  # closed loop: who sent it; -1 open loop
     arrival: float
-    placed: float = math.nan  # left the gateway (sent, or its load began)
     first_token: float = math.nan
     done: float = math.nan
     failed: bool = False  # the gateway answered 503 after the wait limit
-    backend: int = -1
 
 
 @dataclass(slots=True, eq=False)
@@ -140,12 +138,11 @@ class Simulator:
         else:
             self.sequence = [self.names[i] for i in rng.choice(f.adapters, size=n_draw, p=p / p.sum())]
         self.api_loads = rng.uniform(*cost.api_load, size=50_000).tolist()
-        self.rate = 0.0
         if wl.loop == "open":
             if single_rate is None:
                 raise ValueError("open loop needs the single-adapter rate")
-            self.rate = wl.level * single_rate / OUTPUT_TOKENS
-            self.gaps = rng.exponential(1.0 / self.rate, size=n_draw).tolist()
+            rate = wl.level * single_rate / OUTPUT_TOKENS
+            self.gaps = rng.exponential(1.0 / rate, size=n_draw).tolist()
         self.policy: PlacementPolicy | None = None
         if side not in (DIRECT, SINGLE):
             self.policy = make_policy(side)
@@ -164,9 +161,7 @@ class Simulator:
         self.by_id = {b.state.id: b for b in self.backends}
         if self.policy is None:  # vLLM alone holds every adapter (or the one) up front
             for b in self.backends:
-                b.state.registered = dict.fromkeys(
-                    set(self.sequence[:1] if side == SINGLE else self.names), 0.0
-                )
+                b.state.registered = dict.fromkeys(self.names[:1] if side == SINGLE else self.names, 0.0)
         self.rr = itertools.count()
         self.events: list[tuple[float, int, int, int, object]] = []
         self.seq = 0
@@ -259,9 +254,6 @@ class Simulator:
 
     def _send(self, req: SimRequest, b: SimBackend, now: float) -> None:
         s = b.state
-        if math.isnan(req.placed):
-            req.placed = now
-        req.backend = b.index
         s.registered[req.adapter] = now
         s.inflight[req.adapter] = s.inflight.get(req.adapter, 0) + 1
         # The API server's own time before the engine sees it (and after its last token, below).
@@ -269,7 +261,7 @@ class Simulator:
             now + self.cost.request_overhead / 2,
             _SUBMIT,
             b.index,
-            EngineRequest(req.adapter, PROMPT_TOKENS, OUTPUT_TOKENS, req, sent=now),
+            EngineRequest(req.adapter, PROMPT_TOKENS, OUTPUT_TOKENS, req),
         )
 
     def _load(self, req: SimRequest, b: SimBackend, victim: str | None, now: float) -> None:
@@ -284,7 +276,6 @@ class Simulator:
         assert s.occupied < s.capacity, f"{self.side}: LOAD on a full backend without a victim"
         s.loading.add(a)
         s.tenants[a] = req.tenant
-        req.placed = now
         b.loads += 1
         b.ops.append((self.api_loads[b.loads % len(self.api_loads)], req, victim))
         self._kick(b, now)

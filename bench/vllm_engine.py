@@ -81,7 +81,6 @@ class EngineRequest:
     output_tokens: int
     payload: object = None
     done_tokens: int = 0
-    sent: float = 0.0  # reached the engine
     first_token: float = float("nan")
 
 
@@ -97,8 +96,6 @@ class Engine:
     running: list[EngineRequest] = field(default_factory=list)
     gpu: OrderedDict[str, None] = field(default_factory=OrderedDict)  # adapters in GPU slots, LRU first
     in_step: bool = False
-    activations: int = 0
-    steps: int = 0
 
     def submit(self, req: EngineRequest) -> None:
         self.waiting.append(req)
@@ -106,7 +103,8 @@ class Engine:
     def begin_step(self) -> float | None:
         """Schedules the next step; its cost in seconds, or None when there is nothing to run."""
         running = self.running
-        loras = {r.adapter for r in running}
+        # A dict, not a set: its order (the batch's) decides GPU-slot evictions, so runs repeat exactly.
+        loras = dict.fromkeys(r.adapter for r in running)
         budget = self.cost.token_budget - len(running)
         prefill = 0
         if self.waiting and len(running) < self.seats:
@@ -119,7 +117,7 @@ class Engine:
                 if r.adapter not in loras and len(loras) >= self.slots:
                     kept.append(r)
                     continue
-                loras.add(r.adapter)
+                loras[r.adapter] = None
                 running.append(r)
                 budget -= r.prompt_tokens
                 prefill += r.prompt_tokens
@@ -139,9 +137,7 @@ class Engine:
                 if a not in loras:
                     del self.gpu[a]
                     break
-        self.activations += act
         self.in_step = True
-        self.steps += 1
         return self.cost.step(len(running), prefill, len(loras), act)
 
     def end_step(self, now: float) -> list[EngineRequest]:
@@ -156,7 +152,3 @@ class Engine:
         self.running = keep
         self.in_step = False
         return done
-
-    @property
-    def distinct(self) -> int:
-        return len({r.adapter for r in self.running})

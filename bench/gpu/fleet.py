@@ -305,30 +305,21 @@ async def measure(
     load: Load, pick: Callable[[], str], loop: str, level: float, seconds: float, warm: float
 ) -> dict[str, object]:
     sampler = EngineSampler()
-    seats = SEATS * len(REPLICAS)
+
+    async def sample_after_warm_up() -> None:
+        await asyncio.sleep(warm)
+        sampler.start()
+
+    starter = asyncio.create_task(sample_after_warm_up())
     if loop == "closed":
-
-        async def later() -> None:
-            await asyncio.sleep(warm)
-            sampler.start()
-
-        starter = asyncio.create_task(later())
-        start, stop = await load.closed(pick, round(level * seats), warm + seconds)
-        await starter
-        w0, w1 = start + warm, stop
+        start, stop = await load.closed(pick, round(level * SEATS * len(REPLICAS)), warm + seconds)
     else:
         rate = level * single_rate() / load.output_tokens
-
-        async def later() -> None:
-            await asyncio.sleep(warm)
-            sampler.start()
-
-        starter = asyncio.create_task(later())
         start, stop = await load.open(pick, rate, warm + seconds, drain_s=60)
-        await starter
-        w0, w1 = start + warm, stop
+    await starter
     engine = sampler.stop()
-    return {**summarize(load.records, w0, w1, closed=loop == "closed"), "engine": engine, "origin": start}
+    summary = summarize(load.records, start + warm, stop, closed=loop == "closed")
+    return {**summary, "engine": engine, "origin": start}
 
 
 def run(spec: str, seconds: float, warm: float, records: bool) -> None:

@@ -11,6 +11,7 @@ Only the standard library and aiohttp: it runs on the GPU machine without the pr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -49,16 +50,8 @@ def zipf_picker(names: Sequence[str], s: float, seed: int) -> Callable[[], str]:
     """names[0] has rank 1: P(names[i]) ~ 1 / (i + 1) ** s."""
     rng = random.Random(seed)
     weights = [1.0 / (i + 1) ** s for i in range(len(names))]
-    cum = list(_accumulate(weights))
+    cum = list(itertools.accumulate(weights))
     return lambda: rng.choices(names, cum_weights=cum)[0]
-
-
-def _accumulate(xs: Sequence[float]) -> list[float]:
-    out, acc = [], 0.0
-    for x in xs:
-        acc += x
-        out.append(acc)
-    return out
 
 
 class Load:
