@@ -8,7 +8,7 @@ $OUT/results.jsonl (per-request records in $OUT/records-<run>.json.gz when --rec
 
     python3 bench/gpu/fleet.py calibrate [--seconds 20]
     python3 bench/gpu/fleet.py run SPEC [SPEC ...] [--seconds 60] [--warm 15]
-      SPEC = SIDE:LOOP:LEVEL, SIDE = direct | single | gw-<policy>, LOOP = closed (LEVEL: x seats) | open
+      SPEC = SIDE:LOOP:LEVEL, SIDE = direct | single | gw-<policy>[@capacity], LOOP = closed (LEVEL: x seats) | open
       (LEVEL: share of the single-adapter rate); e.g. direct:closed:1 gw-lru:open:0.5 single:closed:1
 Sides: `direct` is vLLM alone, every replica holding all 64 adapters (--max-cpu-loras 64), requests
 spread round-robin; `single` is the reference, one adapter on both replicas, round-robin;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gzip
 import itertools
 import json
@@ -42,6 +43,9 @@ LOGS = Path(E("FLEET_LOGS", "/root/logs"))
 DATA = Path(E("FLEET_DATA", "/root/gw"))
 OUT = Path(E("OUT", "/tmp/fleet-out"))
 SITE = E("FLEET_SITE", "/tmp/gwsite:/tmp/site")
+# With PROBE_DIR set, the gateway runs with bench/gpu/probe on its path (timings of its loads, passes and
+# event loop; setup.sh does the same for vLLM): probe/summary.py reads what it writes.
+PROBE = Path(__file__).resolve().parent / "probe"
 REPLICAS = {"A": "http://127.0.0.1:8001", "B": "http://127.0.0.1:8002"}
 GATEWAY = "http://127.0.0.1:8080"
 ADMIN = "fleet-admin-key-0123456789abcdef"
@@ -171,7 +175,7 @@ def gateway_env(policy: str) -> dict[str, str]:
         GATEWAY_ADMIN_API_KEY=ADMIN,
         GATEWAY_PLACEMENT_POLICY=policy,
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=f"{ROOT}:{SITE}",
+        PYTHONPATH=f"{ROOT}:{PROBE}:{SITE}" if E("PROBE_DIR") else f"{ROOT}:{SITE}",
     )
     env.update(json.loads(E("FLEET_GATEWAY_ENV", "{}")))
     return env
@@ -277,6 +281,19 @@ def provision() -> dict[str, object]:
     return state
 
 
+def register_capacity(capacity: int) -> None:
+    """The backends' registered capacity for this run (`gw-<policy>@<capacity>`; CAPACITY without)."""
+    for r in REPLICAS:
+        resp = httpx.patch(
+            f"{GATEWAY}/admin/v1/backends/vllm-{r.lower()}",
+            json={"capacity": capacity},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=30,
+        )
+        if resp.status_code != 200:
+            raise SystemExit(f"capacity of vllm-{r.lower()}: {resp.status_code} {resp.text[:200]}")
+
+
 # --- runs
 
 
@@ -338,15 +355,22 @@ def run(spec: str, seconds: float, warm: float, records: bool) -> None:
     elif side.startswith("gw-"):
         for url in REPLICAS.values():
             unload_all(url)  # the gateway starts cold: vLLM holds none of its adapters
-        gateway_start(side[3:])
+        policy, _, capacity = side[3:].partition("@")
+        gateway_start(policy)
         keys = provision()["keys"]
+        register_capacity(int(capacity or CAPACITY))
         route = lambda adapter: Route(GATEWAY, adapter, keys[tenant_of(NAMES.index(adapter))])
         pick = zipf_picker(NAMES, ZIPF_S, seed=3)
     else:
         raise SystemExit(f"{spec}: SIDE must be direct, single or gw-<policy>")
     offsets = log_offsets()
     load = Load(route)
+    wall0 = time.time()
     summary = asyncio.run(measure(load, pick, loop, level, seconds, warm))
+    wall = [
+        round(wall0 + warm, 2),
+        round(time.time(), 2),
+    ]  # the measured window (and the drain), for the probe
     origin = summary.pop("origin")
     result = {
         "spec": spec,
@@ -357,6 +381,7 @@ def run(spec: str, seconds: float, warm: float, records: bool) -> None:
         "warm": warm,
         **summary,
         "vllm": log_events(offsets),
+        "wall": wall,
     }
     if side.startswith("gw-"):
         gateway_stop()
@@ -373,7 +398,7 @@ def run(spec: str, seconds: float, warm: float, records: bool) -> None:
             json.dump(dump(load.records, origin), f)
 
 
-def calibrate(seconds: float) -> None:
+def calibrate(seconds: float, only: Sequence[str] = ()) -> None:
     """The simulator's cost model, measured on replica A alone (B idle) with every adapter resident:
     batch throughput by batch size (1 adapter) and by distinct adapters (64 running), vLLM's queueing
     when more adapters are in flight than it has slots, the two replicas sharing the GPU, and loads."""
@@ -447,20 +472,34 @@ def calibrate(seconds: float) -> None:
                 httpx.post(a + "/v1/unload_lora_adapter", json={"lora_name": f"cal-{i}"}, timeout=60)  # noqa: ASYNC210 - between runs
 
     one_ad = NAMES[:1]
-    for conc in (1, 8, 32, 64):
-        asyncio.run(one("batch size, 1 adapter", [a], one_ad, conc))
-    for k in (4, 8):
-        asyncio.run(one("distinct adapters, 64 running", [a], NAMES[:k], 64))
-    for k in (16,):
-        asyncio.run(one("more adapters in flight than slots", [a], NAMES[:k], 64))
-    asyncio.run(one("both replicas share the GPU, 1 adapter", [a, b], one_ad, 128))
-    asyncio.run(one("loads while A decodes 8 adapters", [a], NAMES[:8], 64, load_during=True))
-    asyncio.run(
-        one("4 loads at once while A decodes 8 adapters", [a], NAMES[:8], 64, load_during=True, together=True)
-    )
-    # The state every gateway run was in when loads came only every 2.5-3 s: more adapters in flight
-    # than GPU slots, so vLLM swaps slots every step and a runtime load also takes one (PLACEMENT.md).
-    asyncio.run(one("loads while A decodes 16 adapters on 8 slots", [a], NAMES[:16], 64, load_during=True))
+    steps: list[tuple[str, Callable[[], object]]] = [
+        *(
+            (f"batch{c}", functools.partial(one, "batch size, 1 adapter", [a], one_ad, c))
+            for c in (1, 8, 32, 64)
+        ),
+        *(
+            (f"distinct{k}", functools.partial(one, "distinct adapters, 64 running", [a], NAMES[:k], 64))
+            for k in (4, 8)
+        ),
+        ("overflow16", functools.partial(one, "more adapters in flight than slots", [a], NAMES[:16], 64)),
+        ("share", functools.partial(one, "both replicas share the GPU, 1 adapter", [a, b], one_ad, 128)),
+        ("loads8", functools.partial(one, "loads while A decodes 8 adapters", [a], NAMES[:8], 64, True)),
+        (
+            "loads8together",
+            functools.partial(
+                one, "4 loads at once while A decodes 8 adapters", [a], NAMES[:8], 64, True, True
+            ),
+        ),
+        # More adapters in flight than GPU slots (the state of every gateway run): vLLM swaps slots every
+        # step, and a runtime load also takes one (PLACEMENT.md).
+        (
+            "loads16",
+            functools.partial(one, "loads while A decodes 16 adapters on 8 slots", [a], NAMES[:16], 64, True),
+        ),
+    ]
+    for key, step in steps:
+        if not only or key in only:
+            asyncio.run(step())  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -468,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate")
     c.add_argument("--seconds", type=float, default=20)
+    c.add_argument("--only", nargs="*", default=(), help="calibration steps to run (default: all)")
     r = sub.add_parser("run")
     r.add_argument("specs", nargs="+")
     r.add_argument("--seconds", type=float, default=60)
@@ -478,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     DATA.mkdir(parents=True, exist_ok=True)
     if args.cmd == "calibrate":
-        calibrate(args.seconds)
+        calibrate(args.seconds, args.only)
     else:
         for spec in args.specs:
             if time.perf_counter() - T0 > args.limit_s:

@@ -10,7 +10,10 @@ S=$(date +%s); el() { echo "[$(( $(date +%s) - S ))s] $*"; }
 [ -d /tmp/gwsite ] || { el install gateway wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gwsite .gwwhl/*.whl; }
 [ -f /root/m/lora63/adapter_config.json ] || { el model; python3 bench/gpu/make_model.py /root/m 64; }
-export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True PYTHONPATH=/tmp/site
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+# With PROBE_DIR set, the replicas run with bench/gpu/probe on their path: timings of their LoRA loads,
+# GPU-slot activations and steps (bench/gpu/probe/summary.py reads them).
+export PYTHONPATH=${PROBE_DIR:+$PWD/bench/gpu/probe:}/tmp/site
 up() { python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$1/health',timeout=2).status_code!=200)" 2>/dev/null; }
 for r in "A 8001" "B 8002"; do set -- $r
   up $2 && continue
