@@ -56,7 +56,7 @@ def create_app(settings: Settings) -> FastPath:
         )
         router = Router(
             store=store,
-            policy=make_policy(settings.PLACEMENT_POLICY),
+            policy=make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None),
             client=client,
             adapter_root=settings.BACKEND_ADAPTER_ROOT,
             local_store=settings.store_root

@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     # Residency: empty means the in-process store (one gateway process); several replicas need Redis.
     REDIS_URL: str = ""
     REDIS_PREFIX: str = "lgw"
-    PLACEMENT_POLICY: str = Field("lru", pattern="^(pack|lru|affinity|round-robin|random)$")
+    PLACEMENT_POLICY: str = Field("pack", pattern="^(pack|lru|affinity|round-robin|random)$")
+    # Most adapter loads under way at once per base model, across all its backends (0: no cap; each
+    # backend still loads one at a time, since vLLM decodes nothing while it loads). Set 1 when the
+    # backends share one GPU: two vLLM servers loading on one GPU at once take ~2.5 s a load instead of
+    # ~0.2 s (bench/PLACEMENT.md).
+    PLACEMENT_POOL_LOADS: int = Field(0, ge=0)
     # A load lock outlives a gateway that died mid-load by at most this long.
     LOAD_LOCK_TTL_S: float = Field(60.0, gt=0)
     # How long a request may wait for a slot or for someone else's load before it gets a 503.

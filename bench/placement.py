@@ -54,12 +54,13 @@ class Fleet:
     per_gpu: int  # replicas sharing one GPU
     slots: int = 8  # --max-loras
     seats: int = 64  # --max-num-seqs, registered as max_num_seqs
-    capacity: int = 16  # registered capacity (the gateway keeps at most this many loaded)
+    # Registered capacity: vLLM's --max-cpu-loras (its host cache; 64 rank-16 adapters of a 7B are 1.7 GB).
+    capacity: int = 64
 
 
 FLEETS = {
     "gpu": Fleet("gpu", adapters=64, tenants=4, backends=2, per_gpu=2),
-    "large": Fleet("large", adapters=200, tenants=20, backends=4, per_gpu=1, capacity=32),
+    "large": Fleet("large", adapters=200, tenants=20, backends=4, per_gpu=1),
 }
 
 
@@ -87,6 +88,8 @@ class SimRequest:
     first_token: float = math.nan
     done: float = math.nan
     failed: bool = False  # the gateway answered 503 after the wait limit
+    sent: float = math.nan  # when the gateway sent it to a backend (or began loading for it)
+    backend: int = -1
 
 
 @dataclass(slots=True, eq=False)
@@ -95,7 +98,7 @@ class SimBackend:
     gpu: int
     state: BackendState
     engine: Engine
-    ops: deque[tuple[float, SimRequest, str | None]] = field(default_factory=deque)  # runtime loads
+    ops: deque[tuple[SimRequest, str | None]] = field(default_factory=deque)  # runtime loads, in order
     in_op: bool = False
     loads: int = 0
     unloads: int = 0
@@ -137,26 +140,31 @@ class Simulator:
             self.sequence = [self.names[0]] * n_draw
         else:
             self.sequence = [self.names[i] for i in rng.choice(f.adapters, size=n_draw, p=p / p.sum())]
-        self.api_loads = rng.uniform(*cost.api_load, size=50_000).tolist()
+        self.load_s = rng.uniform(*cost.load, size=50_000).tolist()
+        self.load_shared_s = rng.uniform(*cost.load_shared, size=50_000).tolist()
         if wl.loop == "open":
             if single_rate is None:
                 raise ValueError("open loop needs the single-adapter rate")
             rate = wl.level * single_rate / OUTPUT_TOKENS
             self.gaps = rng.exponential(1.0 / rate, size=n_draw).tolist()
         self.policy: PlacementPolicy | None = None
+        # `<policy>@<capacity>`: that policy with the backends registered at that capacity.
+        name, _, cap = side.partition("@")
+        capacity = int(cap) if cap else f.capacity
         if side not in (DIRECT, SINGLE):
-            self.policy = make_policy(side)
+            # Replicas sharing a GPU load one at a time (GATEWAY_PLACEMENT_POOL_LOADS=1, as bench/gpu runs).
+            self.policy = make_policy(name, pool_loads=1 if f.per_gpu > 1 else None)
         target = self.policy.target(f.slots) if self.policy else f.slots
         self.backends = [
             SimBackend(
                 i,
                 i // f.per_gpu,
-                BackendState(id=f"b{i}", slots=f.slots, capacity=f.capacity, seats=f.seats),
+                BackendState(id=f"b{i}", slots=f.slots, capacity=capacity, seats=f.seats),
                 Engine(f.slots, f.seats, cost),
             )
             for i in range(f.backends)
         ]
-        self.slots = [BackendSlots(b.state.id, f.slots, f.capacity, f.seats, target) for b in self.backends]
+        self.slots = [BackendSlots(b.state.id, f.slots, capacity, f.seats, target) for b in self.backends]
         self.states = [b.state for b in self.backends]
         self.by_id = {b.state.id: b for b in self.backends}
         if self.policy is None:  # vLLM alone holds every adapter (or the one) up front
@@ -181,12 +189,13 @@ class Simulator:
 
     def _kick(self, b: SimBackend, now: float) -> None:
         """Starts the engine's next step (or the runtime load queued first) if it is idle."""
-        if b.ops and not b.in_op:
-            d, _req, _victim = b.ops[0]
-            if not self.cost.load_stalls or not b.engine.in_step:
-                b.in_op = True
-                self._push(now + d, _OP, b.index)
-        if b.engine.in_step or (b.in_op and self.cost.load_stalls):
+        if b.ops and not b.in_op and not b.engine.in_step:
+            # Between steps: the engine takes the load now and steps no more until it is done.
+            shared = any(o.in_op for o in self.backends if o.gpu == b.gpu and o is not b)
+            draws = self.load_shared_s if shared else self.load_s
+            b.in_op = True
+            self._push(now + draws[b.loads % len(draws)], _OP, b.index)
+        if b.engine.in_step or b.in_op:
             return
         c = b.engine.begin_step()
         if c is None:
@@ -253,6 +262,8 @@ class Simulator:
         return True
 
     def _send(self, req: SimRequest, b: SimBackend, now: float) -> None:
+        if math.isnan(req.sent):
+            req.sent, req.backend = now, b.index
         s = b.state
         s.registered[req.adapter] = now
         s.inflight[req.adapter] = s.inflight.get(req.adapter, 0) + 1
@@ -277,11 +288,11 @@ class Simulator:
         s.loading.add(a)
         s.tenants[a] = req.tenant
         b.loads += 1
-        b.ops.append((self.api_loads[b.loads % len(self.api_loads)], req, victim))
+        b.ops.append((req, victim))
         self._kick(b, now)
 
     def _op_done(self, b: SimBackend, now: float) -> None:
-        _, req, victim = b.ops.popleft()
+        req, victim = b.ops.popleft()
         b.in_op = False
         s = b.state
         if victim is not None:
@@ -496,7 +507,8 @@ def render(fleet: Fleet, wl: Workload, results: list[Result], gpu: dict[str, dic
         if g:
             gt = float(g["goodput_tok_s"])  # type: ignore[arg-type]
             fails = sum(dict(g.get("failed") or {}).values())  # type: ignore[call-overload]
-            line += f" | {gt:>9.0f} {r.goodput_tok_s / gt:>7.2f} {g.get('p99_s') or 0:>7.2f} {fails:>7d}"
+            ratio = f"{r.goodput_tok_s / gt:>7.2f}" if gt else f"{'-':>7}"
+            line += f" | {gt:>9.0f} {ratio} {g.get('p99_s') or 0:>7.2f} {fails:>7d}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -531,21 +543,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     ap.add_argument(
         "--load-s",
-        help="a runtime load's duration range LO,HI in seconds (default: the "
-        "2.5-3 s seen in the gateway runs; 0.10,0.17 is a load issued by itself)",
+        help="a runtime load's duration range LO,HI in seconds, alone on its GPU (default: EngineCost.load)",
     )
-    ap.add_argument("--load-stalls", action="store_true", help="the engine decodes nothing during a load")
+    ap.add_argument("--capacity", type=int, help="every backend's registered capacity (default: the fleet's)")
     args = ap.parse_args(argv)
     cost = EngineCost()
     if args.load_s:
         lo, hi = (float(x) for x in args.load_s.split(","))
-        cost = replace(cost, api_load=(lo, hi))
-    if args.load_stalls:
-        cost = replace(cost, load_stalls=True)
+        cost = replace(cost, load=(lo, hi))
     gpu = load_gpu(args.gpu_results)
     ok, everything = True, []
     for fname in args.fleet.split(","):
         fleet = FLEETS[fname.strip()]
+        if args.capacity:
+            fleet = replace(fleet, capacity=args.capacity)
         base = Workload(fleet, "closed", 1.0, seconds=args.seconds, warm=args.warm, seed=args.seed)
         single = simulate(base, SINGLE, cost, None)
         print(  # noqa: T201

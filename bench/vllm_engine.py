@@ -15,7 +15,8 @@ measurements on an H200 (bench/gpu/, figures in bench/PLACEMENT.md, "Calibration
 - Replicas sharing one GPU time-slice it: while n replicas of a GPU are mid-step, each step takes n
   times its cost (processor sharing), so two replicas together decode as fast as one alone.
 - A runtime load (`/v1/load_lora_adapter`) runs inside the engine loop, between steps: the engine
-  decodes nothing meanwhile. The API answers after `api_load` seconds (with its victim's unload)."""
+  decodes nothing meanwhile. It takes `load` seconds, or `load_shared` when another replica of the same
+  GPU is loading at the same time."""
 
 from __future__ import annotations
 
@@ -40,21 +41,20 @@ class EngineCost:
     # An adapter entering a GPU slot from host memory: fitted to 16 adapters over 8 slots at 64 running
     # (3,166 tok/s, 36.5 running, 20.6 waiting in vLLM measured; 3,422, 36.7, 25.1 simulated).
     activate: float = 0.060
-    # A runtime load's answer. Issued by itself it takes 99-165 ms on an idle replica and 96-312 ms while
-    # it decodes 64 requests (4 at once: 139-312 ms). But in every gateway run (2026-12-02) each replica's
-    # log shows one load completing every 2.5-3 s, from the run's first seconds on, while the engine kept
-    # decoding; not explained yet (bench/PLACEMENT.md). The simulator uses what the gateway runs show:
-    # with 0.10-0.17 s it predicts the gateway's runs 1.4x-9x too fast.
-    api_load: tuple[float, float] = (2.5, 2.9)
+    # A runtime load (/v1/load_lora_adapter) runs inside the engine loop between steps and decodes
+    # nothing meanwhile (the timing probe, bench/gpu/probe/: steps per second fell from ~40 to 2.6 while
+    # loads came back to back). By itself it takes 83-96 ms on an idle replica and 36-340 ms while the
+    # replica decodes (2026-12-02-b, engine side); while the other replica of the same GPU is loading
+    # too, both take 2.0-2.9 s (every overlapping load of the gateway runs; cause inside vLLM/CUDA not
+    # known: each load pins ~256 host tensors).
+    load: tuple[float, float] = (0.10, 0.30)
+    load_shared: tuple[float, float] = (2.3, 2.9)
     # What a request spends in the API server before the engine sees it and after its last token:
     # 86 ms TTFT at one request in flight less one prefill step.
     request_overhead: float = 0.080
     # Two replicas time-slicing one GPU: p50 3.28 s (calibration) and 3.59 s (the single run) with 64
     # each, against 1.55 s alone: 2 x 1.15 to 2 x 1.35.
     share_overhead: float = 1.25
-    # Whether the engine decodes nothing while a runtime load runs (vLLM runs add_lora between steps:
-    # true of the ~0.1 s loads; the 2.5-3 s cadence above did not stop decoding).
-    load_stalls: bool = False
     token_budget: int = 8192  # --max-num-batched-tokens (vLLM's default on an H200)
 
     def lora(self, k: int) -> float:

@@ -57,6 +57,8 @@ class PlacementPolicy(Protocol):
     # Whether the data path may skip the policy when the adapter is live and has room (the one-round-trip
     # hot path). Baselines set it False: they route without looking at residency.
     prefers_live: bool
+    # Most runtime loads under way at once in a pool, fleet-wide (None: one per backend, no pool cap).
+    pool_loads: int | None
 
     def target(self, slots: int) -> int:
         """Active adapters it aims for on a backend with `slots` GPU slots (what `touch` admits)."""
@@ -79,9 +81,17 @@ def _victim(request: Request, b: BackendState) -> str | None:
     return min(idle)[1] if idle else None
 
 
-def _load_or_evict(request: Request, b: BackendState) -> Decision | None:
-    """How this backend could take the adapter, if at all."""
-    if request.adapter in b.loading or request.adapter in b.evicting:
+def _pool_full(backends: Sequence[BackendState], cap: int | None) -> bool:
+    """Whether `cap` loads are under way in the pool already (None: no cap)."""
+    return cap is not None and sum(len(b.loading) for b in backends) >= cap
+
+
+def _load_or_evict(request: Request, b: BackendState, pool_full: bool = False) -> Decision | None:
+    """How this backend could take the adapter, if at all. One load at a time per backend: vLLM runs a
+    runtime load inside its engine loop and decodes nothing meanwhile, so loads sent together only
+    queue there and stop its batch back to back (bench/PLACEMENT.md); none while the pool is at its cap
+    (`pool_full`: replicas sharing one GPU slow each other's loads ~10x)."""
+    if pool_full or b.loading or request.adapter in b.evicting:
         return None
     at_cap = request.tenant_cap is not None and b.tenant_count(request.tenant) >= request.tenant_cap
     if b.occupied < b.capacity and not at_cap:
@@ -139,6 +149,7 @@ class LruPolicy:
 
     name = "lru"
     prefers_live = True
+    pool_loads: int | None = None
 
     def __init__(
         self,
@@ -273,8 +284,9 @@ class LruPolicy:
         if not live and any(a in b.registered for b in backends):
             return WAIT  # at home: room frees there within a request's time
         options: list[tuple[tuple[int, float, int], Decision]] = []
+        full = _pool_full(backends, self.pool_loads)
         for b in room:
-            d = _load_or_evict(request, b)
+            d = _load_or_evict(request, b, full)
             if d is None:
                 continue
             # No eviction beats eviction; among evictions the globally least recently used victim goes.
@@ -318,8 +330,9 @@ class PackPolicy:
 
     name = "pack"
     prefers_live = True
+    pool_loads: int | None = None
 
-    def __init__(self, tenant_share: float = 1 / 2, urgent_after_s: float = 20.0) -> None:
+    def __init__(self, tenant_share: float = 1 / 2, urgent_after_s: float = 5.0) -> None:
         self.tenant_share = tenant_share
         self.urgent_after_s = urgent_after_s
 
@@ -350,7 +363,8 @@ class PackPolicy:
             return Decision(Action.USE, _least(idle, lambda b: (b.slots_taken, b.requests)))
         if any(a in b.loading for b in backends):
             return WAIT
-        load = self._load(request, free)
+        full = _pool_full(backends, self.pool_loads)
+        load = self._load(request, free, full)
         if load is not None:
             return load
         if live:
@@ -360,13 +374,13 @@ class PackPolicy:
         ]
         if holders:
             return Decision(Action.USE, _least(holders, lambda b: (b.slots_taken, b.requests)))
-        return self._load(request, [b for b in backends if self._fair(request, b)]) or WAIT
+        return self._load(request, [b for b in backends if self._fair(request, b)], full) or WAIT
 
     @staticmethod
-    def _load(request: Request, options: Sequence[BackendState]) -> Decision | None:
+    def _load(request: Request, options: Sequence[BackendState], full: bool) -> Decision | None:
         best: tuple[tuple[int, float, int, int], Decision] | None = None
         for b in options:
-            d = _load_or_evict(request, b)
+            d = _load_or_evict(request, b, full)
             if d is None:
                 continue
             age = b.registered[d.evict] if d.evict else float("-inf")
@@ -384,6 +398,7 @@ class AffinityPolicy:
 
     name = "affinity"
     prefers_live = False
+    pool_loads: int | None = None
 
     def target(self, slots: int) -> int:
         return slots
@@ -395,12 +410,13 @@ class AffinityPolicy:
         home = zlib.crc32(request.adapter.encode()) % len(ring)
         order = ring[home:] + ring[:home]
         open_ = [b for b in order if b.seats is None or b.requests < b.seats]
+        full = _pool_full(backends, self.pool_loads)
         for b in open_ + [b for b in order if b not in open_]:
             if request.adapter in b.registered and request.adapter not in b.evicting:
                 return Decision(Action.USE, b.id)
             if request.adapter in b.loading:
                 return WAIT
-            d = _load_or_evict(request, b)
+            d = _load_or_evict(request, b, full)
             if d is not None:
                 return d
         return WAIT
@@ -411,6 +427,7 @@ class RoundRobinPolicy:
 
     name = "round-robin"
     prefers_live = False
+    pool_loads: int | None = None
 
     def __init__(self) -> None:
         self._turn = itertools.count()
@@ -425,11 +442,12 @@ class RoundRobinPolicy:
         if not backends:
             return WAIT
         start = self._pick(backends)
+        full = _pool_full(backends, self.pool_loads)
         for i in range(len(backends)):
             b = backends[(start + i) % len(backends)]
             if request.adapter in b.registered:
                 return Decision(Action.USE, b.id)
-            d = _load_or_evict(request, b)
+            d = _load_or_evict(request, b, full)
             if d is not None:
                 return d
         return WAIT
@@ -456,15 +474,18 @@ class PolicyName(enum.StrEnum):
     RANDOM = "random"
 
 
-def make_policy(name: PolicyName | str) -> PlacementPolicy:
+def make_policy(name: PolicyName | str, *, pool_loads: int | None = None) -> PlacementPolicy:
+    policy: PlacementPolicy
     match PolicyName(name):
         case PolicyName.PACK:
-            return PackPolicy()
+            policy = PackPolicy()
         case PolicyName.AFFINITY:
-            return AffinityPolicy()
+            policy = AffinityPolicy()
         case PolicyName.LRU:
-            return LruPolicy()
+            policy = LruPolicy()
         case PolicyName.ROUND_ROBIN:
-            return RoundRobinPolicy()
+            policy = RoundRobinPolicy()
         case PolicyName.RANDOM:
-            return RandomPolicy()
+            policy = RandomPolicy()
+    policy.pool_loads = pool_loads
+    return policy

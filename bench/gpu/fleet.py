@@ -174,6 +174,8 @@ def gateway_env(policy: str) -> dict[str, str]:
         GATEWAY_DATA_DIR=str(DATA),
         GATEWAY_ADMIN_API_KEY=ADMIN,
         GATEWAY_PLACEMENT_POLICY=policy,
+        # Both replicas share one GPU: one adapter load at a time between them (bench/PLACEMENT.md).
+        GATEWAY_PLACEMENT_POOL_LOADS="1",
         PYTHONUNBUFFERED="1",
         PYTHONPATH=f"{ROOT}:{PROBE}:{SITE}" if E("PROBE_DIR") else f"{ROOT}:{SITE}",
     )
