@@ -140,8 +140,9 @@ class Simulator:
             self.sequence = [self.names[0]] * n_draw
         else:
             self.sequence = [self.names[i] for i in rng.choice(f.adapters, size=n_draw, p=p / p.sum())]
-        self.load_s = rng.uniform(*cost.load, size=50_000).tolist()
-        self.load_shared_s = rng.uniform(*cost.load_shared, size=50_000).tolist()
+        u = rng.uniform(0.0, 1.0, size=20_000)
+        self.load_s = [cost.draw(cost.load, x) for x in u]
+        self.load_shared_s = [cost.draw(cost.load_shared, x) for x in u]
         if wl.loop == "open":
             if single_rate is None:
                 raise ValueError("open loop needs the single-adapter rate")
@@ -550,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost = EngineCost()
     if args.load_s:
         lo, hi = (float(x) for x in args.load_s.split(","))
-        cost = replace(cost, load=(lo, hi))
+        cost = replace(cost, load=((0.0, lo), (1.0, hi)))
     gpu = load_gpu(args.gpu_results)
     ok, everything = True, []
     for fname in args.fleet.split(","):

@@ -43,12 +43,14 @@ class EngineCost:
     activate: float = 0.060
     # A runtime load (/v1/load_lora_adapter) runs inside the engine loop between steps and decodes
     # nothing meanwhile (the timing probe, bench/gpu/probe/: steps per second fell from ~40 to 2.6 while
-    # loads came back to back). By itself it takes 83-96 ms on an idle replica and 36-340 ms while the
-    # replica decodes (2026-12-02-b, engine side); while the other replica of the same GPU is loading
-    # too, both take 2.0-2.9 s (every overlapping load of the gateway runs; cause inside vLLM/CUDA not
-    # known: each load pins ~256 host tensors).
-    load: tuple[float, float] = (0.10, 0.30)
-    load_shared: tuple[float, float] = (2.3, 2.9)
+    # loads came back to back). Its duration, as quantiles (share of loads, seconds): engine-side
+    # EngineCore.add_lora of the gateway runs with one load at a time in the pool (2026-12-02-b: pack,
+    # affinity, lru; p50 135-198 ms, p90 421-594 ms, max 1.37 s; 83-96 ms on an idle replica).
+    load: tuple[tuple[float, float], ...] = ((0.0, 0.04), (0.5, 0.17), (0.9, 0.50), (1.0, 1.37))
+    # While the other replica of the same GPU is loading too, both take 2.0-2.9 s (every overlapping
+    # load of the earlier runs, p50 2.66 s; cause inside vLLM/CUDA not known: each load pins ~256 host
+    # tensors).
+    load_shared: tuple[tuple[float, float], ...] = ((0.0, 2.0), (0.5, 2.66), (1.0, 2.92))
     # What a request spends in the API server before the engine sees it and after its last token:
     # 86 ms TTFT at one request in flight less one prefill step.
     request_overhead: float = 0.080
@@ -67,6 +69,14 @@ class EngineCost:
         # Beyond the last point (only with more slots than measured): the last slope goes on.
         (k0, f0), (k1, f1) = pts[-2], pts[-1]
         return f1 + (f1 - f0) * (k - k1) / (k1 - k0)
+
+    @staticmethod
+    def draw(quantiles: tuple[tuple[float, float], ...], u: float) -> float:
+        """The value at share u of a piecewise-linear quantile function ((share, value), ...)."""
+        for (u0, v0), (u1, v1) in itertools.pairwise(quantiles):
+            if u <= u1:
+                return v0 + (v1 - v0) * (u - u0) / (u1 - u0)
+        return quantiles[-1][1]
 
     def step(self, running: int, prefill_tokens: int, k: int, activations: int) -> float:
         return (self.base + self.per_seq * running + self.per_prefill * prefill_tokens) * self.lora(

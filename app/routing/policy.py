@@ -2,7 +2,10 @@
 what (if anything) must be evicted there first. Pure functions of the snapshot: the same classes run in
 the gateway and in bench/placement.py's simulator.
 
-`LruPolicy` is the product's policy; `RoundRobinPolicy` and `RandomPolicy` are kept as baselines."""
+`PackPolicy` is the product's default (GATEWAY_PLACEMENT_POLICY); `LruPolicy` is the earlier one, which
+holds requests in the gateway for a slot; `AffinityPolicy`, `RoundRobinPolicy` and `RandomPolicy` are
+baselines. Every policy loads at most one adapter at a time per backend, and at most `pool_loads` at
+once across a pool's backends (`_load_or_evict`)."""
 
 from __future__ import annotations
 
@@ -312,6 +315,7 @@ class PackPolicy:
     1. active on a backend with a free seat: USE it there (the fewest requests);
     2. registered, idle, on a backend with a free seat and a free slot: USE it there (fewest active);
     3. being loaded anywhere: WAIT for that load (single flight: a copy is never loaded twice at once);
+       a load waits too while its backend loads another adapter or the pool is at `pool_loads`;
     4. LOAD on a backend with a free seat and a free slot (free capacity first, else evicting the least
        recently used idle adapter, pins and the tenant's cap honoured; then the fewest active): a second
        copy of an adapter whose holders' seats are all taken also comes from here;
@@ -323,8 +327,9 @@ class PackPolicy:
     `tenant_share` of the slots; a further cold adapter of that tenant waits in the gateway for a slot
     to free (or goes to another backend) instead of queueing in vLLM ahead of other tenants' adapters,
     so one tenant's burst of cold adapters cannot take every slot. A request that has waited
-    `urgent_after_s` (`Request.waited_s`; 20 s of the router's 30 s limit by default) is exempt, so it
-    is served before its deadline.
+    `urgent_after_s` (`Request.waited_s`; 5 s by default) is exempt: the hold reorders who gets the
+    next slot, it never keeps a request near its deadline (a longer hold, 20 s, cost ~2 s of p99 in
+    bench/placement.py and bought no fairness a shorter one does not).
     Nothing depends on waiting counts, so `decide` and the store's `touch` (steps 1 and 2, with T = S)
     agree and the hot path stays one round trip."""
 

@@ -416,6 +416,55 @@ class TestPack:
         assert self.policy.decide(REQ, [b]) == Decision(Action.USE, "b1")
 
 
+class TestOneLoadAtATime:
+    """vLLM runs a runtime load inside its engine loop and decodes nothing meanwhile: no policy sends a
+    backend a second load while one is under way there, nor any load while the pool is at its cap
+    (GATEWAY_PLACEMENT_POOL_LOADS, for backends sharing one GPU)."""
+
+    POLICIES = ("pack", "lru", "affinity", "round-robin", "random")
+
+    def test_a_backend_loading_gets_no_second_load(self) -> None:
+        for name in self.POLICIES:
+            b = backend("b1", slots=4, capacity=8, seats=64, loading={"y"})
+            assert make_policy(name).decide(REQ, [b]).action is Action.WAIT, name
+
+    def test_the_load_goes_to_a_backend_that_is_not_loading(self) -> None:
+        for name in self.POLICIES:
+            b1 = backend("b1", slots=4, capacity=8, seats=64, loading={"y"})
+            b2 = backend("b2", slots=4, capacity=8, seats=64)
+            assert make_policy(name).decide(REQ, [b1, b2]) == Decision(Action.LOAD, "b2"), name
+
+    def test_at_the_pool_cap_nothing_loads_anywhere(self) -> None:
+        for name in self.POLICIES:
+            b1 = backend("b1", slots=4, capacity=8, seats=64, loading={"y"})
+            b2 = backend("b2", slots=4, capacity=8, seats=64)
+            assert make_policy(name, pool_loads=1).decide(REQ, [b1, b2]).action is Action.WAIT, name
+            assert make_policy(name, pool_loads=2).decide(REQ, [b1, b2]) == Decision(Action.LOAD, "b2"), name
+
+    def test_the_cap_never_holds_an_adapter_that_is_registered(self) -> None:
+        # Only loads wait for the cap: a holder still takes the request (pack queues it in vLLM there).
+        b1 = backend(
+            "b1",
+            slots=1,
+            capacity=8,
+            seats=64,
+            registered={"x": 1.0, "a": 1.0},
+            inflight={"a": 2},
+            tenants={"x": "t1", "a": "t2"},
+        )
+        b2 = backend("b2", slots=4, capacity=8, seats=64, loading={"y"})
+        assert make_policy("pack", pool_loads=1).decide(REQ, [b1, b2]) == Decision(Action.USE, "b1")
+
+    def test_the_setting_reaches_the_policy(self) -> None:
+        from app.settings import Settings
+
+        settings = Settings(PLACEMENT_POOL_LOADS=1)
+        assert settings.PLACEMENT_POLICY == "pack"
+        policy = make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None)
+        assert policy.pool_loads == 1
+        assert make_policy("pack").pool_loads is None
+
+
 class TestAffinity:
     policy = AffinityPolicy()
 
