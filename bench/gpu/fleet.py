@@ -283,6 +283,14 @@ def provision() -> dict[str, object]:
     return state
 
 
+def probe_summary(probe_dir: Path, t0: float, t1: float) -> dict[str, object]:
+    """What bench/gpu/probe/ recorded in [t0, t1], per kind (probe/summary.py's figures)."""
+    sys.path.insert(0, str(PROBE))
+    from summary import read_events, summarize
+
+    return summarize(read_events(probe_dir), t0, t1)
+
+
 def register_capacity(capacity: int) -> None:
     """The backends' registered capacity for this run (`gw-<policy>@<capacity>`; CAPACITY without)."""
     for r in REPLICAS:
@@ -387,6 +395,8 @@ def run(spec: str, seconds: float, warm: float, records: bool) -> None:
     }
     if side.startswith("gw-"):
         gateway_stop()
+    if E("PROBE_DIR"):
+        result["probe"] = probe_summary(Path(E("PROBE_DIR", "")), wall[0] - warm, wall[1])
     if side == "single":
         (DATA / "single.json").write_text(json.dumps(result))
     if side != "single":

@@ -71,17 +71,22 @@ def summarize(events: list[dict[str, Any]], t0: float, t1: float) -> dict[str, A
     return out
 
 
+def read_events(probe_dir: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for f in glob.glob(os.path.join(probe_dir, "probe-*.jsonl"))
+        for line in Path(f).read_text().splitlines()
+        if line.strip()
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("probe_dir")
     ap.add_argument("results")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    events = [
-        json.loads(line)
-        for f in glob.glob(os.path.join(args.probe_dir, "probe-*.jsonl"))
-        for line in Path(f).read_text().splitlines()
-    ]
+    events = read_events(Path(args.probe_dir))
     for line in Path(args.results).read_text().splitlines():
         r = json.loads(line)
         if r.get("kind") != "run" or "wall" not in r:
