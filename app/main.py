@@ -23,7 +23,7 @@ from app.registry.cache import RegistryCache
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
 from app.residency.state import ResidencyStore
-from app.routing.policy import make_policy
+from app.routing.policy import PlacementPolicy, make_policy
 from app.routing.reconcile import Reconciler
 from app.routing.router import Router
 from app.settings import Settings, get_settings
@@ -35,6 +35,11 @@ class State(TypedDict):
     sessionmaker: async_sessionmaker[AsyncSession]
     store: AdapterStore
     data_path: DataPath
+
+
+def placement_policy(settings: Settings) -> PlacementPolicy:
+    """The router's policy: GATEWAY_PLACEMENT_POLICY, with GATEWAY_PLACEMENT_POOL_LOADS (0: no cap)."""
+    return make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None)
 
 
 def create_app(settings: Settings) -> FastPath:
@@ -56,7 +61,7 @@ def create_app(settings: Settings) -> FastPath:
         )
         router = Router(
             store=store,
-            policy=make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None),
+            policy=placement_policy(settings),
             client=client,
             adapter_root=settings.BACKEND_ADAPTER_ROOT,
             local_store=settings.store_root

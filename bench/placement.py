@@ -217,7 +217,7 @@ class Simulator:
             b = self.backends[next(self.rr) % len(self.backends)]
             self._send(req, b, now)
             return
-        if not self._place(req, now):
+        if not self._place(req, now, fresh=True):
             self.waiting.append(req)
             self.waiting_count[adapter] += 1
 
@@ -243,7 +243,7 @@ class Simulator:
                 best = (key, b)
         return None if best is None else best[1]
 
-    def _place(self, req: SimRequest, now: float) -> bool:
+    def _place(self, req: SimRequest, now: float, fresh: bool = False) -> bool:
         assert self.policy is not None
         if self.policy.prefers_live and not self.waiting_count:
             holder = self._touch(req.adapter)
@@ -251,8 +251,8 @@ class Simulator:
                 self._send(req, holder, now)
                 return True
         d = self.policy.decide(self._request(req, now), self.states)
-        if d.action is Action.WAIT:
-            return False
+        if d.action is Action.WAIT or (fresh and d.action is Action.LOAD and self.waiting):
+            return False  # a new arrival's load waits behind older waiters (Router._has_waiters)
         assert d.backend is not None
         b = self.by_id[d.backend]
         if d.action is Action.USE:

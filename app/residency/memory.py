@@ -141,13 +141,19 @@ class MemoryResidency:
         *,
         victim: str | None,
         tenant_cap: int | None,
+        pool_loads: int | None = None,
+        pool_backends: Sequence[str] = (),
     ) -> Reservation:
         now = self._clock()
         b = self._b(pool, backend.id)
         if adapter in b.registered:
             return Reservation(Outcome.LIVE)
-        if adapter in b.loading or adapter in b.evicting:
-            return Reservation(Outcome.BUSY)
+        if b.loading or adapter in b.evicting:
+            return Reservation(Outcome.BUSY)  # its own load, or another one there: one at a time
+        if pool_loads is not None:
+            others = {x for x in pool_backends if x != backend.id}
+            if sum(len(self._b(pool, x).loading) for x in others) >= pool_loads:
+                return Reservation(Outcome.BUSY)
         victim_tenant = None
         if victim is not None:
             if victim not in b.registered or b.inflight(victim) > 0:

@@ -162,7 +162,8 @@ return out
 """
 )
 
-# ARGV: backend, adapter, tenant, victim ('' for none), capacity, tenant_cap (-1 for none), lock_ms
+# ARGV: backend, adapter, tenant, victim ('' for none), capacity, tenant_cap (-1 for none), lock_ms,
+# pool_loads (-1 for no cap), then the pool's other backend ids
 _RESERVE = (
     _COMMON
     + """
@@ -171,7 +172,17 @@ local capacity, cap, lock_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(AR
 local reg, ten, load = P .. 'reg:' .. b, P .. 'ten:' .. b, P .. 'load:' .. b
 prune_busy(b)
 if redis.call('ZSCORE', reg, a) then return {'live', 0} end
-if redis.call('ZSCORE', load, a) or redis.call('ZSCORE', P .. 'evict:' .. b, a) then return {'busy', 0} end
+-- Its own load, or another one on this backend (one at a time: vLLM decodes nothing while it loads).
+if redis.call('ZCARD', load) > 0 or redis.call('ZSCORE', P .. 'evict:' .. b, a) then return {'busy', 0} end
+local pool_cap = tonumber(ARGV[8])
+if pool_cap >= 0 then
+  local n = 0
+  for i = 9, #ARGV do
+    prune_busy(ARGV[i])
+    n = n + redis.call('ZCARD', P .. 'load:' .. ARGV[i])
+  end
+  if n >= pool_cap then return {'busy', 0} end
+end
 local victim_tenant = false
 if victim ~= '' then
   if not redis.call('ZSCORE', reg, victim) or inflight(b, victim) > 0 then return {'full', 0} end
@@ -499,12 +510,16 @@ class RedisResidency:
         *,
         victim: str | None,
         tenant_cap: int | None,
+        pool_loads: int | None = None,
+        pool_backends: Sequence[str] = (),
     ) -> Reservation:
+        others = [x for x in pool_backends if x != backend.id] if pool_loads is not None else []
         outcome, token = await self._reserve(
             keys=[self._key(pool)],
             args=[
                 backend.id, adapter, tenant, victim or "", backend.capacity,
                 -1 if tenant_cap is None else tenant_cap, self.lock_ms,
+                -1 if pool_loads is None else pool_loads, *others,
             ],
         )  # fmt: skip
         return Reservation(Outcome(_s(outcome)), int(token))

@@ -114,10 +114,14 @@ class ResidencyStore(Protocol):
         *,
         victim: str | None,
         tenant_cap: int | None,
+        pool_loads: int | None = None,
+        pool_backends: Sequence[str] = (),
     ) -> Reservation:
-        """Atomically: check the adapter is neither registered nor busy there; take the victim (if any)
-        out of the registered set if it is still idle (it becomes `evicting`); check capacity and the
-        tenant's cap; then mark the adapter `loading` under a fresh fencing token with a TTL."""
+        """Atomically: check the adapter is neither registered nor busy there, and that no other load is
+        under way on that backend, nor `pool_loads` (if set) across `pool_backends` (BUSY: wait; vLLM
+        decodes nothing while it loads); take the victim (if any) out of the registered set if it is
+        still idle (it becomes `evicting`); check capacity and the tenant's cap; then mark the adapter
+        `loading` under a fresh fencing token with a TTL."""
 
     async def commit(self, pool: str, backend: str, adapter: str, token: int, lease: str) -> bool:
         """Register a loaded adapter (and lease it for the request that loaded it) if the token still

@@ -147,6 +147,7 @@ class Router:
         tenant_cap: int | None = None,
         avoid: frozenset[str] = frozenset(),
     ) -> Lease:
+        pool_ids = tuple(str(b.id) for b in backends)  # every backend of the pool: the pool's load cap
         backends = self._usable(backends, avoid)
         lease_id = uuid.uuid4().hex
         if adapter is None:
@@ -160,7 +161,7 @@ class Router:
             got = await self.store.touch(pool, name, lease_id, slots)
             if got is not None:
                 return Lease(pool, by_id[got], name, lease_id)
-        return await self._place(pool, by_id, slots, adapter, lease_id, pinned, tenant_cap)
+        return await self._place(pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids)
 
     async def _place(
         self,
@@ -171,6 +172,7 @@ class Router:
         lease_id: str,
         pinned: frozenset[str],
         tenant_cap: int | None,
+        pool_ids: tuple[str, ...] = (),
     ) -> Lease:
         name = adapter.served_name
         waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
@@ -180,6 +182,10 @@ class Router:
         while True:
             if now:
                 decision = await self._decide(pool, request, self._healthy(slots), started)
+                if decision.action is Action.LOAD and self._has_waiters(pool):
+                    # Loads are scarce (one at a time per backend): older waiters get them first, in
+                    # the dispatcher's oldest-first pass, not a request that just arrived.
+                    decision = await self._wait_turn(pool, request, slots, started, adapter.name)
             else:
                 decision = await self._wait_turn(pool, request, slots, started, adapter.name)
             # Unless told otherwise below, someone else is loading it or every slot is busy: wait.
@@ -192,7 +198,14 @@ class Router:
                 backend = by_id[decision.backend]
                 target = next(s for s in slots if s.id == decision.backend)
                 r = await self.store.reserve(
-                    pool, target, name, request.tenant, victim=decision.evict, tenant_cap=tenant_cap
+                    pool,
+                    target,
+                    name,
+                    request.tenant,
+                    victim=decision.evict,
+                    tenant_cap=tenant_cap,
+                    pool_loads=self.policy.pool_loads,
+                    pool_backends=pool_ids,
                 )
                 if r.outcome is Outcome.OK:
                     try:
@@ -209,6 +222,10 @@ class Router:
                     now = True  # fenced out (our lock expired, someone else owns the load) or marked down
                 elif r.outcome is Outcome.LIVE:
                     now = True  # loaded meanwhile: decide again, without waiting
+
+    def _has_waiters(self, pool: str) -> bool:
+        q = self._queues.get(pool)
+        return q is not None and any(not w.turn.done() for w in q.waiters)
 
     def _healthy(self, slots: list[BackendSlots]) -> list[BackendSlots]:
         """A backend found down meanwhile drops out of the choice (unless it is the only one left)."""

@@ -18,8 +18,9 @@ up() { python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$1/hea
 for r in "A 8001" "B 8002"; do set -- $r
   up $2 && continue
   el "replica $1"
-  # --max-cpu-loras 64: vLLM alone holds all 64 adapters; the gateway registers capacity 16 and keeps
-  # at most that many loaded, so its runs see the workload's 16-adapter host cache.
+  # --max-cpu-loras 64: vLLM alone holds all 64 adapters; the gateway sides register capacity 64 (the
+  # same host cache; README: capacity = --max-cpu-loras) or, `gw-<policy>` without @, 16 (the issue's
+  # first table).
   setsid nohup python3 -m vllm.entrypoints.cli.main serve /root/m/base --served-model-name mistral-7b \
     --host 127.0.0.1 --port $2 --enable-lora --max-loras 8 --max-cpu-loras 64 --max-lora-rank 16 \
     --max-num-seqs 64 --max-model-len 2048 --gpu-memory-utilization 0.42 > $L/vllm-$1.log 2>&1 < /dev/null &

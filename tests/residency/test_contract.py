@@ -222,7 +222,9 @@ class TestTenantCaps:
         r = await store.reserve(POOL, B1, "b", "t1", victim=None, tenant_cap=1)
         assert r.outcome is Outcome.TENANT_CAP
         # Other tenants are not limited by t1's cap; t1 may replace one of its own.
-        assert (await store.reserve(POOL, B1, "x", "t2", victim=None, tenant_cap=1)).outcome is Outcome.OK
+        other = await store.reserve(POOL, B1, "x", "t2", victim=None, tenant_cap=1)
+        assert other.outcome is Outcome.OK
+        await store.abort(POOL, "b1", "x", other.token)  # one load at a time per backend
         assert (await store.reserve(POOL, B1, "b", "t1", victim="a", tenant_cap=1)).outcome is Outcome.OK
         # The cap is per backend.
         assert (await store.reserve(POOL, B2, "c", "t1", victim=None, tenant_cap=1)).outcome is Outcome.OK
@@ -244,13 +246,15 @@ class TestLocks:
         assert await store.commit(POOL, "b1", "a", second.token, "l2")
 
     async def test_expired_loads_free_capacity(self, store: ResidencyStore) -> None:
-        for a in ("a", "b", "c"):
-            assert (
-                await store.reserve(POOL, B1, a, "t1", victim=None, tenant_cap=None)
-            ).outcome is Outcome.OK
+        for a in ("a", "b"):
+            await store.release(POOL, "b1", a, await load(store, B1, a))
+        assert (await store.reserve(POOL, B1, "c", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+        assert (await store.commit(POOL, "b1", "c", 0, "l")) is False  # not the holder's token
+        # Full with c's load: d waits for it (one load at a time), and after c's holder died mid-load
+        # (its lock expired) d takes c's place.
         assert (
             await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)
-        ).outcome is Outcome.FULL
+        ).outcome is Outcome.BUSY
         await asyncio.sleep(0.4)
         assert (await store.reserve(POOL, B1, "d", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
 
@@ -270,16 +274,80 @@ class TestLocks:
         assert {r.outcome for r in results} == {Outcome.OK, Outcome.BUSY}
 
     async def test_concurrent_loads_of_many_adapters_never_overfill(self, store: ResidencyStore) -> None:
+        # 20 callers race for a backend of capacity 3: loads go one at a time (BUSY: try again), and
+        # exactly capacity of them get in.
+        loading, most = 0, 0
+
         async def one(i: int) -> Outcome:
-            r = await store.reserve(POOL, B1, f"a{i}", "t1", victim=None, tenant_cap=None)
+            nonlocal loading, most
+            while True:
+                r = await store.reserve(POOL, B1, f"a{i}", "t1", victim=None, tenant_cap=None)
+                if r.outcome is not Outcome.BUSY:
+                    break
+                await asyncio.sleep(0.002)
             if r.outcome is Outcome.OK:
+                loading += 1
+                most = max(most, loading)
                 await asyncio.sleep(0.01)
+                loading -= 1
                 assert await store.commit(POOL, "b1", f"a{i}", r.token, f"l{i}")
             return r.outcome
 
         outcomes = await asyncio.gather(*(one(i) for i in range(20)))
         assert outcomes.count(Outcome.OK) == B1.capacity
         assert len((await state(store)).registered) == B1.capacity
+        assert most == 1
+
+
+class TestOneLoadAtATime:
+    """vLLM decodes nothing while it loads: a backend takes one load at a time, and a pool with a cap
+    (GATEWAY_PLACEMENT_POOL_LOADS) at most that many across the backends named."""
+
+    async def test_a_second_adapter_waits_for_the_load_under_way(self, store: ResidencyStore) -> None:
+        first = await store.reserve(POOL, B1, "a", "t1", victim=None, tenant_cap=None)
+        assert first.outcome is Outcome.OK
+        busy = await store.reserve(POOL, B1, "b", "t1", victim=None, tenant_cap=None)
+        assert busy.outcome is Outcome.BUSY
+        assert (await state(store)).loading == {"a"}  # nothing of b was written
+        # Another backend is not held up by it (no pool cap) ...
+        assert (await store.reserve(POOL, B2, "b", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+        # ... and once a is in, b may load on b1 too.
+        assert await store.commit(POOL, "b1", "a", first.token, "l")
+        assert (await store.reserve(POOL, B1, "c", "t1", victim=None, tenant_cap=None)).outcome is Outcome.OK
+
+    async def test_the_pool_cap_counts_every_backend_named(self, store: ResidencyStore) -> None:
+        both = ("b1", "b2")
+        first = await store.reserve(
+            POOL, B1, "a", "t1", victim=None, tenant_cap=None, pool_loads=1, pool_backends=both
+        )
+        assert first.outcome is Outcome.OK
+        capped = await store.reserve(
+            POOL, B2, "b", "t1", victim=None, tenant_cap=None, pool_loads=1, pool_backends=both
+        )
+        assert capped.outcome is Outcome.BUSY
+        assert (await state(store, B2)).loading == set()
+        roomier = await store.reserve(
+            POOL, B2, "b", "t1", victim=None, tenant_cap=None, pool_loads=2, pool_backends=both
+        )
+        assert roomier.outcome is Outcome.OK
+        await store.abort(POOL, "b2", "b", roomier.token)
+        await store.abort(POOL, "b1", "a", first.token)
+        again = await store.reserve(
+            POOL, B2, "b", "t1", victim=None, tenant_cap=None, pool_loads=1, pool_backends=both
+        )
+        assert again.outcome is Outcome.OK
+
+    async def test_an_expired_load_elsewhere_does_not_count(self, store: ResidencyStore) -> None:
+        both = ("b1", "b2")
+        r = await store.reserve(
+            POOL, B1, "a", "t1", victim=None, tenant_cap=None, pool_loads=1, pool_backends=both
+        )
+        assert r.outcome is Outcome.OK
+        await asyncio.sleep(0.4)  # the 0.3 s lock expires: its holder died mid-load
+        late = await store.reserve(
+            POOL, B2, "b", "t1", victim=None, tenant_cap=None, pool_loads=1, pool_backends=both
+        )
+        assert late.outcome is Outcome.OK
 
 
 class TestRepair:

@@ -42,6 +42,13 @@ def backend(
     )
 
 
+def _home(adapter: str, ids: tuple[str, ...]) -> str:
+    """AffinityPolicy's home for the adapter among these backend ids (its crc32 ring)."""
+    import zlib
+
+    return sorted(ids)[zlib.crc32(adapter.encode()) % len(ids)]
+
+
 REQ = Request("x", "t1")
 
 
@@ -429,10 +436,18 @@ class TestOneLoadAtATime:
             assert make_policy(name).decide(REQ, [b]).action is Action.WAIT, name
 
     def test_the_load_goes_to_a_backend_that_is_not_loading(self) -> None:
-        for name in self.POLICIES:
+        for name in ("pack", "lru", "round-robin", "random"):  # affinity waits for its home: below
             b1 = backend("b1", slots=4, capacity=8, seats=64, loading={"y"})
             b2 = backend("b2", slots=4, capacity=8, seats=64)
             assert make_policy(name).decide(REQ, [b1, b2]) == Decision(Action.LOAD, "b2"), name
+
+    def test_affinity_waits_for_its_home_rather_than_spilling(self) -> None:
+        home, other = sorted(("b1", "b2"), key=lambda b: b != _home("x", ("b1", "b2")))
+        loading = backend(home, slots=4, capacity=8, seats=64, loading={"y"})
+        free = backend(other, slots=4, capacity=8, seats=64)
+        assert AffinityPolicy().decide(REQ, [loading, free]).action is Action.WAIT
+        idle = backend(home, slots=4, capacity=8, seats=64)
+        assert AffinityPolicy().decide(REQ, [idle, free]) == Decision(Action.LOAD, home)
 
     def test_at_the_pool_cap_nothing_loads_anywhere(self) -> None:
         for name in self.POLICIES:
@@ -452,17 +467,27 @@ class TestOneLoadAtATime:
             inflight={"a": 2},
             tenants={"x": "t1", "a": "t2"},
         )
-        b2 = backend("b2", slots=4, capacity=8, seats=64, loading={"y"})
-        assert make_policy("pack", pool_loads=1).decide(REQ, [b1, b2]) == Decision(Action.USE, "b1")
+        # b2 could take a load (idle, free capacity, no load of its own): only the cap (b3's load) stops
+        # it, and the request still goes to its holder.
+        b2 = backend("b2", slots=4, capacity=8, seats=64)
+        b3 = backend("b3", slots=4, capacity=8, seats=64, loading={"y"})
+        assert make_policy("pack").decide(REQ, [b1, b2, b3]) == Decision(Action.LOAD, "b2")
+        capped = make_policy("pack", pool_loads=1)
+        assert capped.decide(REQ, [b1, b2, b3]) == Decision(Action.USE, "b1")
 
-    def test_the_setting_reaches_the_policy(self) -> None:
+    def test_the_settings_reach_the_policy(self) -> None:
+        from app.main import placement_policy
         from app.settings import Settings
 
-        settings = Settings(PLACEMENT_POOL_LOADS=1)
-        assert settings.PLACEMENT_POLICY == "pack"
-        policy = make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None)
-        assert policy.pool_loads == 1
-        assert make_policy("pack").pool_loads is None
+        # _env_file=None and explicit values: the developer's .env or environment cannot decide it.
+        default = placement_policy(Settings(_env_file=None, PLACEMENT_POLICY="pack"))  # type: ignore[call-arg]
+        assert default.name == "pack" and default.pool_loads is None  # 0 (the default): no cap
+        capped = placement_policy(
+            Settings(_env_file=None, PLACEMENT_POLICY="affinity", PLACEMENT_POOL_LOADS=1)  # type: ignore[call-arg]
+        )
+        assert capped.name == "affinity" and capped.pool_loads == 1
+        assert Settings.model_fields["PLACEMENT_POLICY"].default == "pack"
+        assert Settings.model_fields["PLACEMENT_POOL_LOADS"].default == 0
 
 
 class TestAffinity:

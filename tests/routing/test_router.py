@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -16,8 +17,9 @@ from app.registry.snapshots import AdapterView, BackendView, BaseModelView
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
 from app.residency.state import BackendSlots, Outcome
-from app.routing.policy import LruPolicy
+from app.routing.policy import LruPolicy, PackPolicy
 from app.routing.router import Router
+from tests.fixtures.faulty_upstream import Script, serve
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = BaseModelView(uuid.uuid4(), "m", (), True)
@@ -243,3 +245,50 @@ async def test_a_waiter_that_must_wait_does_not_hold_back_one_with_other_backend
         await router.release(on_b)
     finally:
         await client.session.close()
+
+
+async def _slow_loads(delay_s: float) -> tuple[Script, AsyncIterator[str], str]:
+    script = Script(load_delay_s=delay_s)
+    upstream = serve(script, "m")
+    return script, upstream, await anext(upstream)
+
+
+async def test_one_load_at_a_time_per_backend_oldest_waiter_first() -> None:
+    # Loads as slow as on an H200 (0.2 s; injected: vLLM CPU loads a tiny adapter in milliseconds).
+    script, upstream, url = await _slow_loads(0.2)
+    backend = BackendView(uuid.uuid4(), "b", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+    client = VllmClient.create()
+    router = Router(store=MemoryResidency(), policy=PackPolicy(), client=client, adapter_root="/a")
+    colds = [adapter(f"c{i}") for i in range(4)]
+    try:
+        first = [asyncio.create_task(router.route((backend,), a)) for a in colds[:3]]
+        await asyncio.sleep(0.05)  # c0 is loading; c1 and c2 wait for their turn in the gateway
+        late = asyncio.create_task(router.route((backend,), colds[3]))
+        leases = await asyncio.wait_for(asyncio.gather(*first, late), 5)
+        assert {lease.adapter for lease in leases} == {a.served_name for a in colds}
+        assert script.most_loading == 1  # never two loads at once on one backend
+        # The request that came while others waited for a load slot did not jump the queue.
+        assert script.loads == [a.served_name for a in colds]
+    finally:
+        await client.session.close()
+        await upstream.aclose()
+
+
+async def test_the_pool_cap_serialises_loads_across_backends() -> None:
+    script, upstream, url = await _slow_loads(0.2)
+    fleet = tuple(
+        BackendView(uuid.uuid4(), f"b{i}", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+        for i in range(2)
+    )
+    client = VllmClient.create()
+    for cap, most in ((None, 2), (1, 1)):
+        script.most_loading, script.loads = 0, []
+        policy = PackPolicy()
+        policy.pool_loads = cap
+        router = Router(store=MemoryResidency(), policy=policy, client=client, adapter_root="/a")
+        colds = [adapter(f"p{i}") for i in range(4)]
+        leases = await asyncio.wait_for(asyncio.gather(*(router.route(fleet, a) for a in colds)), 5)
+        assert len({lease.adapter for lease in leases}) == 4
+        assert script.most_loading == most, (cap, script.most_loading)
+    await client.session.close()
+    await upstream.aclose()

@@ -24,16 +24,32 @@ _file = None
 
 
 def emit(kind: str, **fields: object) -> None:
+    """Never raises: a probe that cannot write (full disk, unwritable folder) loses its line, not the
+    process it watches."""
     global _file
     if not _DIR:
         return
-    with _lock:
-        if _file is None:
-            os.makedirs(_DIR, exist_ok=True)
-            _file = open(os.path.join(_DIR, f"probe-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
-        _file.write(
-            json.dumps({"t": round(time.time(), 4), "pid": os.getpid(), "kind": kind, **fields}) + "\n"
+    try:
+        line = json.dumps(
+            {"t": round(time.time(), 4), "pid": os.getpid(), "kind": kind, **fields}, default=str
         )
+        with _lock:
+            if _file is None:
+                os.makedirs(_DIR, exist_ok=True)
+                _file = open(os.path.join(_DIR, f"probe-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
+            _file.write(line + "\n")
+    except Exception:  # noqa: BLE001, S110 - see the docstring
+        pass
+
+
+def _describe(describe, args, kwargs) -> dict:
+    """The call's fields, or none when the describer does not fit the call (keywords, another signature)."""
+    if describe is None:
+        return {}
+    try:
+        return describe(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the timing is still worth its line
+        return {}
 
 
 class _Agg:
@@ -76,7 +92,7 @@ def _timed_sync(fn, kind, describe=None):
                 kind,
                 ms=round((time.perf_counter() - t) * 1e3, 2),
                 ok=ok,
-                **(describe(*args, **kwargs) if describe else {}),
+                **_describe(describe, args, kwargs),
             )
 
     return wrapper
@@ -96,7 +112,7 @@ def _timed_async(fn, kind, describe=None):
                 kind,
                 ms=round((time.perf_counter() - t) * 1e3, 2),
                 ok=ok,
-                **(describe(*args, **kwargs) if describe else {}),
+                **_describe(describe, args, kwargs),
             )
 
     return wrapper
