@@ -178,10 +178,19 @@ class Router:
         waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
         request = Request(name, str(adapter.tenant_id), pinned, tenant_cap, waiting=waiting)
         started = time.monotonic()
+        refused: set[str] = set()  # backends that refused this request's load: never asked twice
         now = True  # decide on a fresh snapshot now; else wait for the dispatcher's word
         while True:
             if now:
-                decision = await self._decide(pool, request, self._healthy(slots), started)
+                if time.monotonic() - started > self.wait_timeout_s:
+                    raise self._waited_too_long(adapter.name)
+                usable = [s for s in self._healthy(slots) if s.id not in refused]
+                if not usable:
+                    # Every backend refused the connection: a 503 now, not a spin (one attempt each).
+                    raise BackendUnavailable(
+                        "no backend for this model is reachable; retry", never_reached=True
+                    )
+                decision = await self._decide(pool, request, usable, started)
                 if decision.action is Action.LOAD and self._has_waiters(pool):
                     # Loads are scarce (one at a time per backend): older waiters get them first, in
                     # the dispatcher's oldest-first pass, not a request that just arrived.
@@ -214,6 +223,7 @@ class Router:
                         if not exc.never_reached or len(slots) == 1:
                             raise
                         await self.mark_down(backend)  # it refused the connection: place it elsewhere
+                        refused.add(decision.backend)
                         loaded = False
                     finally:
                         self._kick(pool)  # a slot or a registration changed: waiters may go

@@ -292,3 +292,46 @@ async def test_the_pool_cap_serialises_loads_across_backends() -> None:
         assert script.most_loading == most, (cap, script.most_loading)
     await client.session.close()
     await upstream.aclose()
+
+
+class ReserveCountingStore(MemoryResidency):
+    """The real in-process store, counting load reservations (each is one load call to a backend)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reserves = 0
+
+    async def reserve(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.reserves += 1
+        return await super().reserve(*args, **kwargs)
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released): connections to it are refused, for real."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_every_backend_refusing_gives_a_503_at_once_not_a_spin() -> None:
+    fleet = tuple(
+        BackendView(uuid.uuid4(), f"down{i}", f"http://127.0.0.1:{_closed_port()}", MODEL.id, 4, capacity=8)
+        for i in range(2)
+    )
+    store = ReserveCountingStore()
+    client = VllmClient.create()
+    router = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a", wait_timeout_s=5)
+    try:
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(ServiceUnavailable) as err:
+            await asyncio.wait_for(router.route(fleet, adapter("cold")), 10)
+        assert asyncio.get_running_loop().time() - t < 2  # well within the wait limit
+        assert err.value.headers is not None and "Retry-After" in err.value.headers
+        assert "down" not in str(err.value) and "127.0.0.1" not in str(err.value)  # no backend named
+        # One load attempt per backend, not one per event-loop turn.
+        assert store.reserves <= len(fleet), store.reserves
+        assert router.unhealthy == {str(b.id) for b in fleet}
+    finally:
+        await client.session.close()
