@@ -28,6 +28,11 @@ class BackendError(GatewayError):
         self.code = None
 
 
+# The server closed a kept-alive connection just as it was reused: nothing was answered, and vLLM had
+# not read the request (an idle connection's close), so sending it again on a new connection is safe.
+_REUSE_RACE = (aiohttp.ServerDisconnectedError, ConnectionResetError, aiohttp.ClientOSError)
+
+
 class BackendUnavailable(ServiceUnavailable):
     def __init__(self, message: str, *, retry_after: int = 2, never_reached: bool = False) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
@@ -81,7 +86,10 @@ class VllmClient:
     def create(cls, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> VllmClient:
         # vLLM (uvicorn) closes idle connections after 5 s; dropping ours sooner means a request never
         # goes out on a connection the server is closing at that very moment.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4, ttl_dns_cache=300)
+        # Idle connections are dropped after 2 s, well before vLLM's server drops them (uvicorn's 5 s,
+        # VLLM_HTTP_TIMEOUT_KEEP_ALIVE): with a 1 s margin a busy event loop reused connections the
+        # server had just closed (503s under CPU contention).
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=2, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         # auto_decompress off: bytes pass through untouched. No cookie jar: a backend's cookies must never
         # ride along on other tenants' requests (and keeping none saves work on every response).
@@ -98,13 +106,21 @@ class VllmClient:
         await self.session.close()
 
     async def post(self, url: str, body: bytes, *, backend: str) -> aiohttp.ClientResponse:
-        """Sends a JSON request; the caller reads (and releases) the response."""
-        try:
-            return await self.session.post(url, data=body, headers={"Content-Type": "application/json"})
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnavailable(f"backend {backend} is unreachable", never_reached=True) from exc
-        except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
-            raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
+        """Sends a JSON request; the caller reads (and releases) the response. A kept-alive connection
+        that the server closed as it was being reused (no response began) is retried once on a new one."""
+        for attempt in (1, 2):
+            try:
+                return await self.session.post(url, data=body, headers={"Content-Type": "application/json"})
+            except aiohttp.ClientConnectorError as exc:
+                raise BackendUnavailable(f"backend {backend} is unreachable", never_reached=True) from exc
+            except _REUSE_RACE as exc:
+                if attempt == 2:
+                    raise BackendUnavailable(
+                        f"backend {backend} is unreachable ({type(exc).__name__})"
+                    ) from exc
+            except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
+                raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
+        raise AssertionError("unreachable")
 
     async def _control(self, method: str, url: str, *, backend: str, json: Any = None) -> tuple[int, bytes]:
         try:
