@@ -78,22 +78,20 @@ class _Agg:
             self.n, self.sum, self.max, self.at, self.extra = 0, 0.0, 0.0, now, {}
 
 
+def _record(kind, t, ok, describe, args, kwargs) -> None:
+    emit(kind, ms=round((time.perf_counter() - t) * 1e3, 2), ok=ok, **_describe(describe, args, kwargs))
+
+
 def _timed_sync(fn, kind, describe=None):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        ok = False
+        t, ok = time.perf_counter(), False
         try:
             out = fn(*args, **kwargs)
             ok = True
             return out
         finally:
-            emit(
-                kind,
-                ms=round((time.perf_counter() - t) * 1e3, 2),
-                ok=ok,
-                **_describe(describe, args, kwargs),
-            )
+            _record(kind, t, ok, describe, args, kwargs)
 
     return wrapper
 
@@ -101,19 +99,13 @@ def _timed_sync(fn, kind, describe=None):
 def _timed_async(fn, kind, describe=None):
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        ok = False
+        t, ok = time.perf_counter(), False
         try:
             out = await fn(*args, **kwargs)
             ok = True
             return out
         finally:
-            emit(
-                kind,
-                ms=round((time.perf_counter() - t) * 1e3, 2),
-                ok=ok,
-                **_describe(describe, args, kwargs),
-            )
+            _record(kind, t, ok, describe, args, kwargs)
 
     return wrapper
 
