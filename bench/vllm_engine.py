@@ -54,9 +54,14 @@ class EngineCost:
     # What a request spends in the API server before the engine sees it and after its last token:
     # 86 ms TTFT at one request in flight less one prefill step.
     request_overhead: float = 0.080
-    # Two replicas time-slicing one GPU: p50 3.28 s (calibration) and 3.59 s (the single run) with 64
-    # each, against 1.55 s alone: 2 x 1.15 to 2 x 1.35.
-    share_overhead: float = 1.25
+    # Two replicas time-slicing one GPU: each step costs both replicas' compute plus a fixed 10 ms
+    # (the timing probe's engine steps, 2026-12-02-c: 28.1 ms at 63 running in the single run, where
+    # one replica alone steps in 9.6 ms; 26.6-27.0 ms at 23 running in vLLM alone, 7.4 ms alone). The
+    # slot activations inside the step are not time-sliced (the probe's activations took 20-33 ms
+    # each whether or not the other replica was stepping). Fitted with `activate` to the eight runs of
+    # 2026-12-02-c (60 s after 40 s): every side within 8% (bench/PLACEMENT.md).
+    share_overhead: float = 1.0
+    share_fixed: float = 0.010
     token_budget: int = 8192  # --max-num-batched-tokens (vLLM's default on an H200)
 
     def lora(self, k: int) -> float:
@@ -78,10 +83,12 @@ class EngineCost:
                 return v0 + (v1 - v0) * (u - u0) / (u1 - u0)
         return quantiles[-1][1]
 
-    def step(self, running: int, prefill_tokens: int, k: int, activations: int) -> float:
-        return (self.base + self.per_seq * running + self.per_prefill * prefill_tokens) * self.lora(
-            k
-        ) + self.activate * activations
+    def step(self, running: int, prefill_tokens: int, k: int, activations: int, sharing: int = 1) -> float:
+        """One step's seconds; `sharing` replicas of the GPU stepping at once (this one included)."""
+        compute = (self.base + self.per_seq * running + self.per_prefill * prefill_tokens) * self.lora(k)
+        if sharing > 1:
+            compute = sharing * compute * self.share_overhead + (sharing - 1) * self.share_fixed
+        return compute + self.activate * activations
 
 
 @dataclass(slots=True, eq=False)
@@ -110,7 +117,7 @@ class Engine:
     def submit(self, req: EngineRequest) -> None:
         self.waiting.append(req)
 
-    def begin_step(self) -> float | None:
+    def begin_step(self, sharing: int = 1) -> float | None:
         """Schedules the next step; its cost in seconds, or None when there is nothing to run."""
         running = self.running
         # A dict, not a set: its order (the batch's) decides GPU-slot evictions, so runs repeat exactly.
@@ -148,7 +155,7 @@ class Engine:
                     del self.gpu[a]
                     break
         self.in_step = True
-        return self.cost.step(len(running), prefill, len(loras), act)
+        return self.cost.step(len(running), prefill, len(loras), act, sharing)
 
     def end_step(self, now: float) -> list[EngineRequest]:
         """Every running request gets one token (the first ends its prefill); returns those done."""
