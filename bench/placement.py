@@ -42,6 +42,7 @@ from bench.vllm_engine import Engine, EngineCost, EngineRequest
 WAIT_TIMEOUT_S: float = Settings.model_fields["PLACEMENT_WAIT_S"].default
 PATIENCE_S: float = Settings.model_fields["PLACEMENT_PATIENCE_S"].default
 PROMPT_TOKENS, OUTPUT_TOKENS = 256, 128
+OPEN_DRAIN_S = 60.0  # as bench/gpu/fleet.py's open-loop runs
 DIRECT, SINGLE = "direct", "single"
 
 
@@ -343,11 +344,16 @@ class Simulator:
         else:
             self._push(self.gaps[0], _ARRIVE, -1)
         self._push(0.0, _TICK, 0)
+        # Open loop: arrivals stop at the window's end, then the run goes on for OPEN_DRAIN_S so that
+        # the window's late requests end and count in the latencies (bench/gpu/load.py's drain_s).
+        stop = self.end + (OPEN_DRAIN_S if wl.loop == "open" else 0.0)
         while self.events:
             now, _, kind, i, _payload = heapq.heappop(self.events)
-            if now > self.end:
+            if now > stop:
                 break
             if kind == _ARRIVE:
+                if now > self.end:
+                    continue
                 self._issue(now, i)
                 if wl.loop == "open":
                     self._push(now + self.gaps[self.issued], _ARRIVE, -1)
@@ -386,7 +392,7 @@ class Simulator:
                 self._retry(now)
             else:  # the dispatcher's tick: timeouts, and a sample of the queues
                 self._retry(now)
-                if now >= wl.warm:
+                if wl.warm <= now <= self.end:
                     self.samples.append(
                         (
                             sum(len(b.engine.running) for b in self.backends),
@@ -407,7 +413,13 @@ class Simulator:
         ok = [r for r in inside if not r.failed and not math.isnan(r.done)]
         lat = [r.done - r.arrival for r in ok]
         ttft = [r.first_token - r.arrival for r in ok]
-        goodput = tokens / (w1 - w0)
+        if wl.loop == "closed":
+            goodput = tokens / (w1 - w0)  # every token the fleet made in the window
+        else:
+            # As bench/gpu/load.py counts it: the tokens of the requests that arrived in the window and
+            # were served by its end. A backlog left by the warm-up, served in the window, does not
+            # count, nor does a request that arrived in it and ended after it.
+            goodput = sum(OUTPUT_TOKENS for r in ok if r.done <= w1) / (w1 - w0)
         n_b = len(self.backends)
         samples = np.array(self.samples or [(0, 0, 0)], dtype=float)
         return Result(

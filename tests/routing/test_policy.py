@@ -387,6 +387,49 @@ class TestPack:
         assert self.policy.decide(REQ, [b1, b2]).action is Action.WAIT
 
     @staticmethod
+    def _seat_bound(queued: int) -> BackendState:
+        """x's holder: both slots active, its 4 seats taken by x, `queued` more requests behind them."""
+        return backend(
+            "b1", slots=2, seats=4, registered={"x": 1.0, "h": 1.0}, inflight={"x": 3 + queued, "h": 1}
+        )
+
+    @staticmethod
+    def _slot_bound(registered: dict[str, float]) -> BackendState:
+        """Both slots active with one request each, the other two seats idle for want of a slot."""
+        return backend(
+            "b2",
+            slots=2,
+            capacity=4,
+            seats=4,
+            registered={"a": 1.0, "b": 1.0, **registered},
+            inflight={"a": 1, "b": 1},
+            tenants={"a": "t2", "b": "t3", **dict.fromkeys(registered, "t1")},  # x's tenant has no slot there
+        )
+
+    def test_a_whole_batch_queued_at_the_holder_spills_to_a_less_busy_backend(self) -> None:
+        # Holder at 8 requests, the other backend at 2 (8 - 2 >= 4 seats): x's copy there serves sooner.
+        assert self.policy.decide(REQ, [self._seat_bound(4), self._slot_bound({"x": 1.0})]) == Decision(
+            Action.USE, "b2"
+        )
+        # No copy there: a second copy is loaded, into free capacity.
+        assert self.policy.decide(REQ, [self._seat_bound(4), self._slot_bound({})]) == Decision(
+            Action.LOAD, "b2"
+        )
+
+    def test_less_than_a_batch_of_difference_stays_with_its_running_group(self) -> None:
+        # 5 against 2: under a batch apart, joining the holder's running group is the better wait.
+        assert self.policy.decide(REQ, [self._seat_bound(1), self._slot_bound({"x": 1.0})]) == Decision(
+            Action.USE, "b1"
+        )
+
+    def test_no_spill_while_the_pool_is_loading(self) -> None:
+        # A second copy needs a load: at the pool's load cap the request joins its holder's queue.
+        capped = PackPolicy()
+        capped.pool_loads = 1
+        b2 = replace(self._slot_bound({}), loading={"z"})
+        assert capped.decide(REQ, [self._seat_bound(4), b2]) == Decision(Action.USE, "b1")
+
+    @staticmethod
     def _crowded() -> BackendState:
         """4 slots, all active, 3 of them the greedy tenant's; x (greedy) and y (other) registered, idle."""
         tenants = {"g1": "greedy", "g2": "greedy", "g3": "greedy", "o1": "other", "x": "greedy", "y": "other"}
