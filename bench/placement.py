@@ -405,7 +405,6 @@ class Simulator:
     def result(self, single_rate: float | None, wall: float) -> Result:
         wl = self.wl
         w0, w1 = wl.warm, self.end
-        tokens = sum(n for t, n in self.tokens if w0 <= t <= w1)
         if wl.loop == "closed":
             inside = [r for r in self.requests if w0 <= r.done <= w1]
         else:
@@ -414,7 +413,8 @@ class Simulator:
         lat = [r.done - r.arrival for r in ok]
         ttft = [r.first_token - r.arrival for r in ok]
         if wl.loop == "closed":
-            goodput = tokens / (w1 - w0)  # every token the fleet made in the window
+            # Every token the fleet made in the window.
+            goodput = sum(n for t, n in self.tokens if w0 <= t <= w1) / (w1 - w0)
         else:
             # As bench/gpu/load.py counts it: the tokens of the requests that arrived in the window and
             # were served by its end. A backlog left by the warm-up, served in the window, does not
