@@ -247,8 +247,11 @@ def _served_name(stack: Stack, adapter: str) -> str:
 
 
 def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
-    """Two staggered loops keep a long request of one adapter in flight at every moment while the other
-    five churn through the remaining places: vLLM's log must show evictions, never of that adapter."""
+    """A chain of long streams of one adapter, through both gateways in turn, keeps it in flight at every
+    moment while the other five churn through the remaining places: vLLM's log must show evictions,
+    never of that adapter. Each stream starts once the one before has sent output (so it holds its
+    lease) and the one before that has ended: two loops of equal requests could end together, leaving
+    an instant with none in flight, in which evicting the adapter would be right."""
     held = "globex/a1"
     served = _served_name(stack, held)
     marks: list[int] = []
@@ -259,6 +262,7 @@ def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
         "n": 4,
         "ignore_eos": True,
         "temperature": 1.0,
+        "stream": True,
     }
 
     async def run() -> None:
@@ -266,19 +270,38 @@ def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
         async with httpx.AsyncClient(timeout=180) as c:
             headers = {"Authorization": f"Bearer {stack.key_for(held)}"}
 
-            async def keeper(gateway: int, delay: float) -> int:
-                await asyncio.sleep(delay)
+            async def stream(gateway: int, serving: asyncio.Event) -> None:
+                url = stack.gateways[gateway] + "/v1/chat/completions"
+                last = ""
+                async with c.stream("POST", url, json=long_body, headers=headers) as r:
+                    assert r.status_code == 200, await r.aread()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            serving.set()  # placed, with its lease, and generating
+                        last = line or last
+                    assert last == "data: [DONE]", last
+
+            async def chain(first: asyncio.Event) -> int:
+                before: asyncio.Task[None] | None = None
                 n = 0
                 while not done.is_set():
-                    r = await c.post(
-                        stack.gateways[gateway] + "/v1/chat/completions", json=long_body, headers=headers
-                    )
-                    assert r.status_code == 200, r.text
-                    n += 1
+                    serving = first if n == 0 else asyncio.Event()
+                    current = asyncio.create_task(stream(n % 2, serving))
+                    output = asyncio.create_task(serving.wait())
+                    await asyncio.wait([current, output], return_when=asyncio.FIRST_COMPLETED)
+                    output.cancel()
+                    if current.done():
+                        current.result()  # it failed before any output: raise what it raised
+                    if before is not None:
+                        await before
+                    before, n = current, n + 1
+                if before is not None:
+                    await before
                 return n
 
-            keepers = [asyncio.create_task(keeper(0, 0.0)), asyncio.create_task(keeper(1, 0.8))]
-            await asyncio.sleep(1.5)  # both keepers in flight: from now on it must stay
+            first = asyncio.Event()
+            keeper = asyncio.create_task(chain(first))
+            await asyncio.wait_for(first.wait(), 120)  # in flight: from now on it must stay
             marks.extend(len(_events(s)) for s in stack.backends)
             others = [a for a in stack.adapters if a != held]
             for round_ in range(3):
@@ -288,7 +311,7 @@ def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
                 assert [r.status_code for r in churn] == [200] * len(others), [r.text for r in churn]
             assert any(served in _loaded(s) for s in stack.backends)
             done.set()
-            assert sum(await asyncio.gather(*keepers)) >= 2
+            assert await keeper >= 2
 
     asyncio.run(run())
     during = [e for s, m in zip(stack.backends, marks, strict=True) for e in _events(s)[m:]]
