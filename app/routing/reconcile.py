@@ -1,8 +1,8 @@
 """Keeps the residency state true to the backends: every interval (and right after a backend answers
 404 for an adapter) each backend's /v1/models is compared with the state and the state repaired (a
 restarted vLLM, a flushed Redis, an adapter unloaded by hand). A backend that fails its health checks
-gets no traffic and its state is dropped, so its adapters are placed elsewhere; it is used again as
-soon as it answers."""
+gets no traffic from this process (its adapters are placed elsewhere) and is used again as soon as it
+answers; its state is repaired from its own listing then, never dropped on one process's word."""
 
 from __future__ import annotations
 

@@ -485,9 +485,11 @@ class Router:
             self.on_trouble(backend)
 
     async def mark_down(self, backend: BackendView) -> None:
-        """No traffic to it until it answers a health check; what it held is placed elsewhere."""
+        """No traffic from this process to it until it answers (a health check or a request). Only a
+        flag: the fleet's state of it (what it holds, other gateways' leases there) stays, because one
+        failed connection from one process proves nothing about the backend's adapters; reconciliation
+        against its own /v1/models repairs that state once it answers (a restarted vLLM lists none)."""
         self.unhealthy.add(str(backend.id))
-        await self.store.drop_backend(str(backend.base_model_id), str(backend.id))
         if self.on_trouble is not None:
             self.on_trouble(backend)
 

@@ -335,3 +335,27 @@ async def test_every_backend_refusing_gives_a_503_at_once_not_a_spin() -> None:
         assert router.unhealthy == {str(b.id) for b in fleet}
     finally:
         await client.session.close()
+
+
+async def test_marking_a_backend_down_keeps_the_fleets_state_of_it() -> None:
+    """One process's failed connection proves nothing about what the backend holds, nor about other
+    gateways' requests there: mark_down is a local flag, the store's state of the backend stays."""
+    fleet = tuple(
+        BackendView(uuid.uuid4(), f"b{i}", f"http://127.0.0.1:{_closed_port()}", MODEL.id, 4, capacity=8)
+        for i in range(2)
+    )
+    store = MemoryResidency()
+    a = adapter("kept")
+    slots = BackendSlots(str(fleet[0].id), 4, 8)
+    r = await store.reserve(POOL, slots, a.served_name, str(a.tenant_id), victim=None, tenant_cap=None)
+    assert await store.commit(POOL, slots.id, a.served_name, r.token, "another-gateways-lease")
+    client = VllmClient.create()
+    router = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a")
+    try:
+        await router.mark_down(fleet[0])
+        assert router.unhealthy == {str(fleet[0].id)}
+        (state,) = await store.snapshot(POOL, [slots])
+        assert a.served_name in state.registered
+        assert state.inflight == {a.served_name: 1}  # the other gateway's lease is still there
+    finally:
+        await client.session.close()
