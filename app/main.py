@@ -55,9 +55,14 @@ def create_app(settings: Settings) -> FastPath:
         assert settings.BACKEND_ADAPTER_ROOT is not None  # filled by Settings
         redis = Redis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
         store: ResidencyStore = (
-            RedisResidency(redis, prefix=settings.REDIS_PREFIX, lock_ttl_s=settings.LOAD_LOCK_TTL_S)
+            RedisResidency(
+                redis,
+                prefix=settings.REDIS_PREFIX,
+                lock_ttl_s=settings.LOAD_LOCK_TTL_S,
+                lease_ttl_s=settings.LEASE_TTL_S,
+            )
             if redis is not None
-            else MemoryResidency(lock_ttl_s=settings.LOAD_LOCK_TTL_S)
+            else MemoryResidency(lock_ttl_s=settings.LOAD_LOCK_TTL_S, lease_ttl_s=settings.LEASE_TTL_S)
         )
         router = Router(
             store=store,

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     PLACEMENT_POOL_LOADS: int = Field(0, ge=0)
     # A load lock outlives a gateway that died mid-load by at most this long.
     LOAD_LOCK_TTL_S: float = Field(60.0, gt=0)
+    # A request's lease on its adapter (what keeps it from being evicted under the request) lives this
+    # long unless renewed; each gateway process renews its own every third of it. A killed gateway's
+    # leases vanish after about this long.
+    LEASE_TTL_S: float = Field(30.0, ge=1)
     # How long a request may wait for a slot or for someone else's load before it gets a 503.
     PLACEMENT_WAIT_S: float = Field(30.0, gt=0)
     # After this long waiting for a free GPU slot, a request may go to a backend whose slots are all

@@ -31,6 +31,10 @@ class BackendError(GatewayError):
 # The server closed a kept-alive connection just as it was reused: nothing was answered, and vLLM had
 # not read the request (an idle connection's close), so sending it again on a new connection is safe.
 _REUSE_RACE = (aiohttp.ServerDisconnectedError, ConnectionResetError, aiohttp.ClientOSError)
+# The connection was never opened (refused, no route, or the connect timed out): nothing was sent, so
+# the request may go elsewhere at once. A connect timeout is a backend that is not there (a pod being
+# replaced, a dropped SYN), not a slow one.
+_NEVER_REACHED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 class BackendUnavailable(ServiceUnavailable):
@@ -38,6 +42,12 @@ class BackendUnavailable(ServiceUnavailable):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
         # True when the connection could not even be opened: the request is safe to send elsewhere.
         self.never_reached = never_reached
+
+
+def _unreachable(backend: str, exc: BaseException, *, never_reached: bool = False) -> BackendUnavailable:
+    """The tenant's answer names no backend (its name, its URL): the log line does, for the operator."""
+    log.info("backend %s unreachable: %s", backend, type(exc).__name__)
+    return BackendUnavailable("the model server is unreachable; retry", never_reached=never_reached)
 
 
 class AdapterMissing(Exception):
@@ -78,9 +88,11 @@ def is_unknown_model(err: UpstreamError) -> bool:
 
 
 class VllmClient:
-    def __init__(self, session: aiohttp.ClientSession, *, control_timeout: float = 120.0) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, *, control_timeout: float = 120.0, connect_timeout: float = 5.0
+    ) -> None:
         self.session = session
-        self._control_timeout = aiohttp.ClientTimeout(total=control_timeout, connect=5)
+        self._control_timeout = aiohttp.ClientTimeout(total=control_timeout, connect=connect_timeout)
 
     @classmethod
     def create(cls, *, connect_timeout: float = 5.0, read_timeout: float = 600.0) -> VllmClient:
@@ -100,7 +112,7 @@ class VllmClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
-        return cls(session)
+        return cls(session, connect_timeout=connect_timeout)
 
     async def close(self) -> None:
         await self.session.close()
@@ -111,32 +123,41 @@ class VllmClient:
         for attempt in (1, 2):
             try:
                 return await self.session.post(url, data=body, headers={"Content-Type": "application/json"})
-            except aiohttp.ClientConnectorError as exc:
-                raise BackendUnavailable(f"backend {backend} is unreachable", never_reached=True) from exc
+            except _NEVER_REACHED as exc:
+                raise _unreachable(backend, exc, never_reached=True) from exc
             except _REUSE_RACE as exc:
                 if attempt == 2:
-                    raise BackendUnavailable(
-                        f"backend {backend} is unreachable ({type(exc).__name__})"
-                    ) from exc
+                    raise _unreachable(backend, exc) from exc
             except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
-                raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
+                raise _unreachable(backend, exc) from exc
         raise AssertionError("unreachable")
 
-    async def _control(self, method: str, url: str, *, backend: str, json: Any = None) -> tuple[int, bytes]:
+    async def _control(
+        self, method: str, url: str, *, backend: str, json: Any = None, timeout_s: float | None = None
+    ) -> tuple[int, bytes]:
+        timeout = self._control_timeout
+        if timeout_s is not None:
+            # A call with a budget (a load inside a request's wait, under a lock with a TTL) ends by it.
+            timeout = aiohttp.ClientTimeout(
+                total=timeout_s, connect=min(timeout.connect or timeout_s, timeout_s)
+            )
         try:
-            async with self.session.request(method, url, json=json, timeout=self._control_timeout) as resp:
+            async with self.session.request(method, url, json=json, timeout=timeout) as resp:
                 return resp.status, await resp.read()
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnavailable(f"backend {backend} is unreachable", never_reached=True) from exc
+        except _NEVER_REACHED as exc:
+            raise _unreachable(backend, exc, never_reached=True) from exc
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
-            raise BackendUnavailable(f"backend {backend} is unreachable ({type(exc).__name__})") from exc
+            raise _unreachable(backend, exc) from exc
 
-    async def load_adapter(self, base_url: str, name: str, path: str, *, backend: str) -> None:
+    async def load_adapter(
+        self, base_url: str, name: str, path: str, *, backend: str, timeout_s: float | None = None
+    ) -> None:
         status, body = await self._control(
             "POST",
             f"{base_url}/v1/load_lora_adapter",
             backend=backend,
             json={"lora_name": name, "lora_path": path},
+            timeout_s=timeout_s,
         )
         if status == 200:
             return
@@ -148,29 +169,30 @@ class VllmClient:
             # lost). The backend's own list decides, not the wording of its message.
             return
         log.warning("loading adapter %s on %s failed: %s %s", name, backend, status, err.message)
-        if status >= 500:
-            raise BackendError(
-                f"backend {backend} failed to load the adapter",
-                status_code=502,
-                type_="server_error",
-                param=None,
-            )
+        # vLLM's message names paths and its own internals: it goes to the log above, never to a tenant.
         raise BackendError(
-            f"backend {backend} refused the adapter: {err.message}",
+            "the model server could not load the adapter; retry, or tell the operator if it persists",
             status_code=502,
             type_="server_error",
             param=None,
         )
 
-    async def unload_adapter(self, base_url: str, name: str, *, backend: str) -> bool:
+    async def unload_adapter(
+        self, base_url: str, name: str, *, backend: str, timeout_s: float | None = None
+    ) -> bool:
         status, _ = await self._control(
-            "POST", f"{base_url}/v1/unload_lora_adapter", backend=backend, json={"lora_name": name}
+            "POST",
+            f"{base_url}/v1/unload_lora_adapter",
+            backend=backend,
+            json={"lora_name": name},
+            timeout_s=timeout_s,
         )
         return status == 200
 
     async def list_models(self, base_url: str, *, backend: str) -> list[dict[str, Any]]:
         status, body = await self._control("GET", f"{base_url}/v1/models", backend=backend)
         if status != 200:
-            raise BackendUnavailable(f"backend {backend} answered {status} to /v1/models")
+            log.info("backend %s answered %s to /v1/models", backend, status)
+            raise BackendUnavailable("the model server is not ready; retry")
         data = orjson.loads(body).get("data", [])
         return [m for m in data if isinstance(m, dict)]

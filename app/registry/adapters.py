@@ -70,6 +70,9 @@ async def upload_adapter(
 ) -> schemas.AdapterRead:
     """Registers a new version of `name`; on any failure no file and no row is left behind."""
     tenant = await service.get_tenant(session, tenant_ref)
+    if await service.find_base_model(session, name) is not None:
+        # The tenant's adapters resolve before base models: it would shadow that model for them.
+        raise Conflict(f"{name!r} is the name of a base model; choose another adapter name", param="name")
     with store.staging() as folder:
         staged, config, tensors = await asyncio.to_thread(_stage_and_parse, store, folder, files, max_bytes)
         model = await _resolve_base_model(session, config, base_model)

@@ -54,7 +54,7 @@ class MemoryResidency:
     shared = False  # one process: its own waiters are all there are
 
     def __init__(
-        self, *, lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0, clock: Callable[[], float] = time.time
+        self, *, lock_ttl_s: float = 60.0, lease_ttl_s: float = 30.0, clock: Callable[[], float] = time.time
     ) -> None:
         self._pools: dict[str, dict[str, _Backend]] = {}
         # Published waiting counts: pool -> replica -> (counts, until).
@@ -94,6 +94,16 @@ class MemoryResidency:
             return None
         self._lease(best[1], adapter, lease, now)
         return best[2]
+
+    async def renew(self, pool: str, leases: Sequence[tuple[str, str, str]]) -> int:
+        now, n = self._clock(), 0
+        for backend, adapter, lease in leases:
+            b = self._b(pool, backend)
+            held = b.leases.get(adapter)
+            if held is not None and lease in held:
+                held[lease] = now + self.lease_ttl_s
+                n += 1
+        return n
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         b = self._b(pool, backend)

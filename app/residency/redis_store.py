@@ -25,6 +25,8 @@ from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
 
 log = logging.getLogger(__name__)
 
+_RENEW_CHUNK = 1000  # leases per renewal call: one script run stays short for every other client
+
 _COMMON = """
 local P = KEYS[1]
 local t = redis.call('TIME')
@@ -134,6 +136,27 @@ local b, a = ARGV[1], ARGV[2]
 if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then return 0 end
 take_lease(b, a, ARGV[3], tonumber(ARGV[4]))
 return 1
+"""
+)
+
+# ARGV: lease_ms, then 'backend adapter lease' per lease. Extends each lease that still exists (an
+# expired or released one is not brought back); returns how many were extended.
+_RENEW = (
+    _COMMON
+    + """
+local lease_ms, n = tonumber(ARGV[1]), 0
+for i = 2, #ARGV do
+  local b, a, lease = string.match(ARGV[i], '^(%S+) (%S+) (%S+)$')
+  if b then
+    local key = P .. 'lease:' .. b .. ':' .. a
+    if redis.call('ZSCORE', key, lease) then
+      redis.call('ZADD', key, now + lease_ms, lease)
+      redis.call('PEXPIRE', key, lease_ms)
+      n = n + 1
+    end
+  end
+end
+return n
 """
 )
 
@@ -433,11 +456,13 @@ class RedisResidency:
     shared = True  # every gateway replica of the deployment
 
     def __init__(
-        self, redis: Redis, *, prefix: str = "lgw", lock_ttl_s: float = 60.0, lease_ttl_s: float = 900.0
+        self, redis: Redis, *, prefix: str = "lgw", lock_ttl_s: float = 60.0, lease_ttl_s: float = 30.0
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.lock_ttl_s = lock_ttl_s
         self.lock_ms = int(lock_ttl_s * 1000)
+        self.lease_ttl_s = lease_ttl_s
         self.lease_ms = int(lease_ttl_s * 1000)
         self._hot = redis.register_script(_HOT)
         self._batches: dict[str, _HotBatch] = {}  # one per pool (base model)
@@ -451,6 +476,7 @@ class RedisResidency:
         self._evicted = redis.register_script(_EVICTED)
         self._trim = redis.register_script(_TRIM)
         self._waiting = redis.register_script(_WAITING)
+        self._renew = redis.register_script(_RENEW)
         self.gone_ms = int(GONE_GRACE_S * 1000)
 
     def _key(self, pool: str) -> str:
@@ -468,6 +494,14 @@ class RedisResidency:
         fut = self._batch(pool).submit(f"T {adapter} {lease}{_encode_backends(tuple(backends))}")
         assert fut is not None
         return _s(await fut) or None
+
+    async def renew(self, pool: str, leases: Sequence[tuple[str, str, str]]) -> int:
+        # Idempotent (it only pushes expiries forward), so a retried call does no harm.
+        n = 0
+        for i in range(0, len(leases), _RENEW_CHUNK):
+            chunk = [f"{b} {a} {lease}" for b, a, lease in leases[i : i + _RENEW_CHUNK]]
+            n += int(await self._renew(keys=[self._key(pool)], args=[self.lease_ms, *chunk]))
+        return n
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         return bool(

@@ -86,6 +86,11 @@ class ResidencyStore(Protocol):
 
     # Whether several gateway processes may share it (Redis), so each must learn what the others wait for.
     shared: bool
+    # How long a load's or an eviction's reservation holds before another gateway may take it over.
+    lock_ttl_s: float
+    # How long a lease lives unless renewed: the process holding it renews its leases in batches
+    # (Router's heartbeat), so a killed process's leases vanish after about this long.
+    lease_ttl_s: float
 
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
@@ -96,6 +101,10 @@ class ResidencyStore(Protocol):
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         """Take a lease on a registered adapter on one given backend (no slot check); False if not registered."""
+
+    async def renew(self, pool: str, leases: Sequence[tuple[str, str, str]]) -> int:
+        """Push the expiry of each (backend, adapter, lease) still held to now + the lease TTL; returns
+        how many were still held (a lease that expired or was released stays gone)."""
 
     async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None: ...
 

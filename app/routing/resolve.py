@@ -31,9 +31,16 @@ def split_version(model: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+# Longer than any name the registry accepts (adapters 128, base models 200, plus "@VERSION"): refused
+# before any lookup, so a tenant cannot make the gateway hash and cache megabyte-long names.
+MAX_MODEL_CHARS = 256
+
+
 async def resolve(cache: RegistryCache, tenant: TenantView, model: Any, lora_request: Any) -> Target:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest(f"'model' is longer than {MAX_MODEL_CHARS} characters", param="model")
     if lora_request is not None:
         return await _resolve_lora_request(cache, tenant, model, lora_request)
     name, version = split_version(model)
@@ -52,6 +59,11 @@ async def _resolve_lora_request(cache: RegistryCache, tenant: TenantView, model:
     if not isinstance(lora, dict) or not isinstance(lora.get("lora_name"), str) or not lora["lora_name"]:
         raise InvalidRequest(
             "'lora_request' must be an object with a string 'lora_name'", param="lora_request"
+        )
+    if len(lora["lora_name"]) > MAX_MODEL_CHARS:
+        raise InvalidRequest(
+            f"'lora_request.lora_name' is longer than {MAX_MODEL_CHARS} characters",
+            param="lora_request.lora_name",
         )
     name, version = split_version(lora["lora_name"])
     adapter = await cache.adapter(tenant.id, name, version)

@@ -22,6 +22,7 @@ from app.errors import ServiceUnavailable
 from app.registry.snapshots import AdapterView, BackendView
 from app.residency.state import BackendSlots, BackendState, Outcome, ResidencyStore
 from app.routing.policy import Action, Decision, PlacementPolicy, Request
+from app.store.files import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Router:
         wait_timeout_s: float = 30.0,
         patience_s: float = 30.0,
         tick_s: float = 0.05,
+        load_timeout_s: float | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -82,6 +84,11 @@ class Router:
         self._local_store = local_store
         self.wait_timeout_s = wait_timeout_s
         self.patience_s = patience_s
+        # An unload + load ends within this, well inside the load lock's TTL: a lock that expired while
+        # its load was still running would let a second gateway load the same adapter there.
+        self.load_timeout_s = load_timeout_s if load_timeout_s is not None else 0.75 * store.lock_ttl_s
+        if self.load_timeout_s >= store.lock_ttl_s:
+            raise ValueError("the load timeout must be shorter than the load lock's TTL")
         self._rr = itertools.count()
         self.unhealthy: set[str] = set()  # backend ids failing health checks: skipped until they recover
         self._fleets: dict[int, _Fleet] = {}
@@ -106,6 +113,12 @@ class Router:
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
         self.on_trouble: Callable[[BackendView], None] | None = None
+        # This process's leases, renewed in one batch per pool every third of the store's lease TTL:
+        # a stream of any length keeps its lease, a killed process's leases expire after one TTL.
+        # Bounded by the requests in flight (a lease leaves when its response ends).
+        self._held: dict[str, Lease] = {}
+        self.heartbeat_s = store.lease_ttl_s / 3
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def adapter_path(self, adapter: AdapterView) -> str:
         return str(self._adapter_root / adapter.storage_path)
@@ -146,7 +159,13 @@ class Router:
         pinned: frozenset[str] = frozenset(),
         tenant_cap: int | None = None,
         avoid: frozenset[str] = frozenset(),
+        deadline: float | None = None,
     ) -> Lease:
+        """A lease on a backend for the adapter. `deadline` (time.monotonic()) bounds the whole
+        placement, a load included: a retry passes the first attempt's, so that all attempts together
+        keep to one `wait_timeout_s`."""
+        if deadline is None:
+            deadline = time.monotonic() + self.wait_timeout_s
         pool_ids = tuple(str(b.id) for b in backends)  # every backend of the pool: the pool's load cap
         backends = self._usable(backends, avoid)
         lease_id = uuid.uuid4().hex
@@ -160,8 +179,10 @@ class Router:
         if self.policy.prefers_live and not self._waiting.get(pool) and not self._others.get(pool):
             got = await self.store.touch(pool, name, lease_id, slots)
             if got is not None:
-                return Lease(pool, by_id[got], name, lease_id)
-        return await self._place(pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids)
+                return self._hold(Lease(pool, by_id[got], name, lease_id))
+        return await self._place(
+            pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids, deadline
+        )
 
     async def _place(
         self,
@@ -172,7 +193,8 @@ class Router:
         lease_id: str,
         pinned: frozenset[str],
         tenant_cap: int | None,
-        pool_ids: tuple[str, ...] = (),
+        pool_ids: tuple[str, ...],
+        deadline: float,
     ) -> Lease:
         name = adapter.served_name
         waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
@@ -182,7 +204,7 @@ class Router:
         now = True  # decide on a fresh snapshot now; else wait for the dispatcher's word
         while True:
             if now:
-                if time.monotonic() - started > self.wait_timeout_s:
+                if time.monotonic() > deadline:
                     raise self._waited_too_long(adapter.name)
                 usable = [s for s in self._healthy(slots) if s.id not in refused]
                 if not usable:
@@ -194,14 +216,14 @@ class Router:
                 if decision.action is Action.LOAD and self._has_waiters(pool):
                     # Loads are scarce (one at a time per backend): older waiters get them first, in
                     # the dispatcher's oldest-first pass, not a request that just arrived.
-                    decision = await self._wait_turn(pool, request, slots, started, adapter.name)
+                    decision = await self._wait_turn(pool, request, slots, started, deadline, adapter.name)
             else:
-                decision = await self._wait_turn(pool, request, slots, started, adapter.name)
+                decision = await self._wait_turn(pool, request, slots, started, deadline, adapter.name)
             # Unless told otherwise below, someone else is loading it or every slot is busy: wait.
             now = False
             if decision.action is Action.USE and decision.backend is not None:
                 if await self.store.acquire(pool, decision.backend, name, lease_id):
-                    return Lease(pool, by_id[decision.backend], name, lease_id)
+                    return self._hold(Lease(pool, by_id[decision.backend], name, lease_id))
                 # Evicted or forgotten meanwhile: wait for the dispatcher's next word.
             elif decision.action is Action.LOAD and decision.backend is not None:
                 backend = by_id[decision.backend]
@@ -218,17 +240,17 @@ class Router:
                 )
                 if r.outcome is Outcome.OK:
                     try:
-                        loaded = await self._load(pool, backend, adapter, decision.evict, r.token, lease_id)
+                        loaded = await self._loaded(
+                            pool, backend, adapter, decision.evict, r.token, lease_id, deadline
+                        )
                     except BackendUnavailable as exc:
                         if not exc.never_reached or len(slots) == 1:
                             raise
                         await self.mark_down(backend)  # it refused the connection: place it elsewhere
                         refused.add(decision.backend)
                         loaded = False
-                    finally:
-                        self._kick(pool)  # a slot or a registration changed: waiters may go
                     if loaded:
-                        return Lease(pool, backend, name, lease_id)
+                        return self._hold(Lease(pool, backend, name, lease_id))
                     now = True  # fenced out (our lock expired, someone else owns the load) or marked down
                 elif r.outcome is Outcome.LIVE:
                     now = True  # loaded meanwhile: decide again, without waiting
@@ -272,11 +294,17 @@ class Router:
         return merged
 
     async def _wait_turn(
-        self, pool: str, request: Request, slots: list[BackendSlots], started: float, shown: str
+        self,
+        pool: str,
+        request: Request,
+        slots: list[BackendSlots],
+        started: float,
+        deadline: float,
+        shown: str,
     ) -> Decision:
-        """Queue the request for its pool's dispatcher until it hands out a USE or LOAD; 503 after
-        `wait_timeout_s` from the request's start."""
-        remaining = started + self.wait_timeout_s - time.monotonic()
+        """Queue the request for its pool's dispatcher until it hands out a USE or LOAD; 503 at the
+        deadline."""
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise self._waited_too_long(shown)
         q = self._queue(pool)
@@ -389,6 +417,8 @@ class Router:
     async def close(self) -> None:
         """Stop the dispatchers (at shutdown); other processes forget this one's waiters after their ttl."""
         tasks = [q.task for q in self._queues.values() if q.task is not None]
+        if self._heartbeat is not None:
+            tasks.append(self._heartbeat)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -429,6 +459,43 @@ class Router:
             w.turn.set_result(decision)
         return time.monotonic() - began
 
+    async def _loaded(
+        self,
+        pool: str,
+        backend: BackendView,
+        adapter: AdapterView,
+        victim: str | None,
+        token: int,
+        lease_id: str,
+        deadline: float,
+    ) -> bool:
+        """Runs the load as its own task, so that the request leaving (its deadline, its client gone)
+        never cuts a load short: the load ends by `load_timeout_s` and commits or aborts its reservation
+        either way, and other requests waiting for the adapter get it. The request waits for it until
+        its deadline; if it has left by then, the lease the load took for it is given back."""
+        task = asyncio.ensure_future(self._load(pool, backend, adapter, victim, token, lease_id))
+        task.add_done_callback(lambda _: self._kick(pool))  # a slot or a registration changed
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 0.0))
+        except BaseException as exc:
+            if task.done():
+                if isinstance(exc, TimeoutError) and not task.cancelled():
+                    return task.result()  # it ended just as the wait did (or raises what it raised)
+                raise
+            task.add_done_callback(lambda t: self._orphaned(t, pool, str(backend.id), adapter, lease_id))
+            if isinstance(exc, TimeoutError):
+                raise self._waited_too_long(adapter.name) from None
+            raise
+
+    def _orphaned(
+        self, task: asyncio.Future[bool], pool: str, backend: str, adapter: AdapterView, lease_id: str
+    ) -> None:
+        """A load whose request left before it ended: the adapter stays registered, the lease goes."""
+        if task.cancelled() or task.exception() is not None:
+            return  # aborted and logged by _load
+        if task.result():
+            self.store.release_nowait(pool, backend, adapter.served_name, lease_id)
+
     async def _load(
         self,
         pool: str,
@@ -439,15 +506,23 @@ class Router:
         lease_id: str,
     ) -> bool:
         name = adapter.served_name
+        until = time.monotonic() + self.load_timeout_s
         try:
+            await self._check_files(adapter)
             if victim is not None:
                 try:
-                    await self.client.unload_adapter(backend.url, victim, backend=backend.name)
+                    await self.client.unload_adapter(
+                        backend.url, victim, backend=backend.name, timeout_s=until - time.monotonic()
+                    )
                     log.info("evicted %s from %s", victim, backend.name)
                 finally:
                     await self.store.evicted(pool, str(backend.id), victim)
             await self.client.load_adapter(
-                backend.url, name, self.adapter_path(adapter), backend=backend.name
+                backend.url,
+                name,
+                self.adapter_path(adapter),
+                backend=backend.name,
+                timeout_s=max(until - time.monotonic(), 0.001),
             )
         except BaseException:
             await asyncio.shield(self.store.abort(pool, str(backend.id), name, token))
@@ -455,10 +530,34 @@ class Router:
         log.info("loaded %s on %s", name, backend.name)
         return await self.store.commit(pool, str(backend.id), name, token, lease_id)
 
+    def _hold(self, lease: Lease) -> Lease:
+        self._held[lease.id] = lease
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._renew_forever())
+        return lease
+
+    async def _renew_forever(self) -> None:
+        """The heartbeat: while this process holds leases, renew them all every `heartbeat_s`."""
+        while self._held:
+            await asyncio.sleep(self.heartbeat_s)
+            await self.renew()
+
+    async def renew(self) -> None:
+        by_pool: dict[str, list[tuple[str, str, str]]] = {}
+        for lease in self._held.values():
+            if lease.adapter is not None:
+                by_pool.setdefault(lease.pool, []).append((str(lease.backend.id), lease.adapter, lease.id))
+        for pool, leases in by_pool.items():
+            try:
+                await self.store.renew(pool, leases)
+            except Exception as exc:  # noqa: BLE001 - the store is down: the next beat tries again
+                log.warning("renewing %d leases failed: %s", len(leases), type(exc).__name__)
+
     async def release(self, lease: Lease) -> None:
         if lease.released or lease.adapter is None:
             return
         lease.released = True
+        self._held.pop(lease.id, None)
         await self.store.release(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
         self._kick(lease.pool)
 
@@ -467,6 +566,7 @@ class Router:
         if lease.released or lease.adapter is None:
             return
         lease.released = True
+        self._held.pop(lease.id, None)
         self.store.release_nowait(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
         self._kick(lease.pool)
 
@@ -492,6 +592,25 @@ class Router:
         self.unhealthy.add(str(backend.id))
         if self.on_trouble is not None:
             self.on_trouble(backend)
+
+    async def _check_files(self, adapter: AdapterView) -> None:
+        """When this process sees the backends' adapter store, the adapter's files must be there
+        before a backend is asked to load them: vLLM asked for a folder that is not there answers
+        slowly at best, and the request would wait for nothing."""
+        if self._local_store is None:
+            return
+        folder = self._local_store / adapter.storage_path
+        if not await asyncio.to_thread(_complete, folder):
+            log.error("adapter %s: its files are missing from the store (%s)", adapter.id, folder)
+            raise ServiceUnavailable(
+                f"adapter '{adapter.name}' cannot be served right now: its files are missing; "
+                "the operator has been told",
+                headers={"Retry-After": "60"},
+            )
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
 def _assume(b: BackendState, decision: Decision, request: Request) -> None:

@@ -142,6 +142,36 @@ class TestUploadAccepted:
         resp = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert sorted(m["id"] for m in resp.json()["data"]) == ["legal", "support", "tiny-llama"]
 
+    async def test_tenant_models_retrieve(self, admin: httpx.AsyncClient, client: httpx.AsyncClient) -> None:
+        """OpenAI's `client.models.retrieve(name)`: the names a request's `model` takes, nothing else."""
+        await upload(admin, adapter_files(seed=1))
+        await upload(admin, adapter_files(seed=2))
+        mine = {"Authorization": f"Bearer {(await registry.api_key(admin))['key']}"}
+        await registry.tenant(admin, "other")
+        theirs = {"Authorization": f"Bearer {(await registry.api_key(admin, 'other'))['key']}"}
+        for name, owner, parent in (
+            ("support", "acme", "tiny-llama"),
+            ("support@1", "acme", "tiny-llama"),
+            ("tiny-llama", "lora-gateway", None),
+            ("org/tiny-llama-hub", "lora-gateway", None),  # an alias, with a slash
+        ):
+            resp = await client.get(f"/v1/models/{name}", headers=mine)
+            assert resp.status_code == 200, (name, resp.text)
+            body = resp.json()
+            assert (body["id"], body["object"], body["owned_by"], body["parent"]) == (
+                name,
+                "model",
+                owner,
+                parent,
+            )
+        # Another tenant's adapter and an unknown name get the same 404.
+        gone = assert_envelope(await client.get("/v1/models/support", headers=theirs), 404, "model_not_found")
+        unknown = assert_envelope(await client.get("/v1/models/nope", headers=mine), 404, "model_not_found")
+        assert str(gone["message"]).replace("support", "X") == str(unknown["message"]).replace("nope", "X")
+        assert_envelope(await client.get("/v1/models/support@3", headers=mine), 404, "model_not_found")
+        assert_envelope(await client.get("/v1/models/" + "x" * 300, headers=mine), 400)
+        assert_envelope(await client.get("/v1/models/support"), 401)
+
 
 def _truncated(data: bytes) -> bytes:
     return data[: len(data) - 100]
@@ -258,6 +288,14 @@ class TestUploadRefused:
     ) -> None:
         error = assert_envelope(await upload(admin, files), status)
         assert mentions in str(error["message"]), error
+        await assert_nothing_left()
+
+    async def test_the_name_of_a_base_model_is_not_an_adapter_name(
+        self, admin: httpx.AsyncClient, assert_nothing_left
+    ) -> None:  # type: ignore[no-untyped-def]
+        # It would shadow the base model for that tenant: `model: tiny-llama` would run the adapter.
+        error = assert_envelope(await upload(admin, adapter_files(), name="tiny-llama"), 409, "conflict")
+        assert "base model" in str(error["message"]) and error["param"] == "name"
         await assert_nothing_left()
 
     async def test_wrong_tensor_shape_for_base_model(

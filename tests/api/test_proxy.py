@@ -140,3 +140,26 @@ async def test_oversized_request_is_413(client: httpx.AsyncClient, tenant_key: s
     resp = await chat(client, tenant_key, messages=[{"role": "user", "content": big}])
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_an_overlong_model_name_is_400_before_any_lookup(
+    client: httpx.AsyncClient, tenant_key: str
+) -> None:
+    assert (await chat(client, tenant_key)).status_code == 200  # warm: the key is cached
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        for body in (
+            {"model": "a" * 100_000},
+            {"model": "tiny-llama", "lora_request": {"lora_name": "a" * 300}},
+        ):
+            resp = await chat(client, tenant_key, **body)
+            assert resp.status_code == 400, resp.text
+            assert "longer than 256 characters" in resp.json()["error"]["message"]
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    assert statements == []  # refused without a registry lookup

@@ -67,3 +67,41 @@ async def test_a_backend_that_keeps_dropping_is_unavailable_after_the_second_try
     finally:
         await client.close()
         server.close()
+
+
+async def test_a_connect_timeout_counts_as_never_reached() -> None:
+    """A real connect timeout, not a fake one: a listener whose accept backlog is full (nobody
+    accepts) leaves further SYNs unanswered, as a pod being replaced does."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    client = VllmClient.create(connect_timeout=0.3)
+    try:
+        for call in (
+            lambda: client.post(f"http://127.0.0.1:{port}/v1/completions", b"{}", backend="gpu-pod-7"),
+            lambda: client.list_models(f"http://127.0.0.1:{port}", backend="gpu-pod-7"),
+        ):
+            t = asyncio.get_running_loop().time()
+            with pytest.raises(BackendUnavailable) as err:
+                await asyncio.wait_for(call(), 5)
+            assert err.value.never_reached  # nothing was sent: safe to place elsewhere at once
+            # What a tenant would read names no backend and no address.
+            assert "gpu-pod-7" not in err.value.message and "127.0.0.1" not in err.value.message
+            assert asyncio.get_running_loop().time() - t < 2
+    finally:
+        await client.close()
+        for s in fillers:
+            s.close()
+        listener.close()

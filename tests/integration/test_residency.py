@@ -83,7 +83,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "GATEWAY_RECONCILE_INTERVAL_S": "1",
         # Replicas share one adapter store (a shared volume in production).
         "GATEWAY_ADAPTER_STORE": str(root / "store"),
-        "GATEWAY_LOAD_LOCK_TTL_S": "20",
+        # The default lock (60 s, loads cut off at 45 s): a CPU vLLM busy with the eviction test's long
+        # requests was seen taking 28 s over one load.
+        # Every request, its load included, ends by the placement wait. Two CPU vLLM servers on two
+        # cores, busy with the long requests of the eviction test, serve a wave of cold adapters in
+        # tens of seconds: these tests are about what gets evicted and loaded, not how fast.
+        "GATEWAY_PLACEMENT_WAIT_S": "90",
     }
     procs = []
     try:
@@ -308,7 +313,9 @@ def test_in_flight_adapter_is_not_evicted(stack: Stack) -> None:
                 churn = await asyncio.gather(
                     *(ask(c, stack, a, (i + round_) % 2) for i, a in enumerate(others))
                 )
-                assert [r.status_code for r in churn] == [200] * len(others), [r.text for r in churn]
+                assert [r.status_code for r in churn] == [200] * len(others), [
+                    r.text for r in churn if r.status_code != 200
+                ]
             assert any(served in _loaded(s) for s in stack.backends)
             done.set()
             assert await keeper >= 2

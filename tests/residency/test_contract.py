@@ -20,18 +20,23 @@ B1 = BackendSlots("b1", slots=2, capacity=3)
 B2 = BackendSlots("b2", slots=2, capacity=3)
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResidencyStore]:
-    if request.param == "memory":
-        yield MemoryResidency(lock_ttl_s=0.3, lease_ttl_s=60)
+async def _stores(kind: str, lease_ttl_s: float) -> AsyncIterator[ResidencyStore]:
+    if kind == "memory":
+        yield MemoryResidency(lock_ttl_s=0.3, lease_ttl_s=lease_ttl_s)
         return
     redis = Redis.from_url(REDIS_URL)
     prefix = f"lgw-test-{uuid.uuid4().hex[:8]}"
-    yield RedisResidency(redis, prefix=prefix, lock_ttl_s=0.3, lease_ttl_s=60)
+    yield RedisResidency(redis, prefix=prefix, lock_ttl_s=0.3, lease_ttl_s=lease_ttl_s)
     keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
     if keys:
         await redis.delete(*keys)
     await redis.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResidencyStore]:
+    async for s in _stores(request.param, lease_ttl_s=60):
+        yield s
 
 
 async def load(
@@ -424,3 +429,27 @@ class TestWaiting:
         # r1 stops publishing (it died): its counts are gone after its ttl.
         await asyncio.sleep(0.6)
         assert await store.waiting(POOL, "r3", {}, ttl_s=60) == {}
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def short_leases(request: pytest.FixtureRequest) -> AsyncIterator[ResidencyStore]:
+    async for s in _stores(request.param, lease_ttl_s=0.6):
+        yield s
+
+
+class TestLeaseRenewal:
+    async def test_renewed_leases_live_on_the_others_expire(self, short_leases: ResidencyStore) -> None:
+        store = short_leases
+        kept = await load(store, B1, "a")
+        assert await store.acquire(POOL, "b1", "a", "not-renewed")
+        assert await store.acquire(POOL, "b1", "a", "released")
+        await store.release(POOL, "b1", "a", "released")
+        for _ in range(5):  # 1.25 s: twice the TTL
+            await asyncio.sleep(0.25)
+            # A released lease is not brought back by a renewal that crossed its release.
+            assert await store.renew(POOL, [("b1", "a", kept), ("b1", "a", "released")]) == 1
+        assert (await state(store)).inflight == {"a": 1}  # only the renewed one
+        assert await store.renew(POOL, [("b1", "a", "not-renewed")]) == 0  # expired stays expired
+        assert (await state(store)).inflight == {"a": 1}
+        await store.release(POOL, "b1", "a", kept)
+        assert (await state(store)).inflight == {}

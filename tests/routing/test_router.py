@@ -359,3 +359,120 @@ async def test_marking_a_backend_down_keeps_the_fleets_state_of_it() -> None:
         assert state.inflight == {a.served_name: 1}  # the other gateway's lease is still there
     finally:
         await client.session.close()
+
+
+async def test_a_slow_load_is_bounded_by_the_requests_deadline_and_still_lands() -> None:
+    # A load slower than the request may wait (1 s against 0.3 s; injected: vLLM CPU loads in ms).
+    script, upstream, url = await _slow_loads(1.0)
+    backend = BackendView(uuid.uuid4(), "b", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+    store = MemoryResidency()
+    client = VllmClient.create()
+    router = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a", wait_timeout_s=0.3)
+    slow = adapter("slow")
+    slots = BackendSlots(str(backend.id), 4, 8, 64)
+    try:
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(ServiceUnavailable) as err:
+            await router.route((backend,), slow)
+        assert asyncio.get_running_loop().time() - t < 0.6  # the deadline, not the load's 1 s
+        assert err.value.headers is not None and "Retry-After" in err.value.headers
+        # The load was not cut short: it ends, registers the adapter, and gives back the lease it
+        # took for the request that left.
+        await asyncio.sleep(1.2)
+        (state,) = await store.snapshot(POOL, [slots])
+        assert slow.served_name in state.registered and not state.loading
+        assert state.inflight == {}
+        assert script.loads == [slow.served_name]
+        lease = await asyncio.wait_for(router.route((backend,), slow), 1)  # live now: no second load
+        assert lease.backend.id == backend.id and script.loads == [slow.served_name]
+    finally:
+        await client.session.close()
+        await upstream.aclose()
+
+
+async def test_a_load_ends_within_its_lock_so_no_second_gateway_loads_it_too() -> None:
+    _, upstream, url = await _slow_loads(3.0)  # a load that hangs (injected)
+    backend = BackendView(uuid.uuid4(), "b", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+    store = MemoryResidency(lock_ttl_s=1.0)
+    client = VllmClient.create()
+    with pytest.raises(ValueError, match="shorter than the load lock"):
+        Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a", load_timeout_s=1.0)
+    router = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a", wait_timeout_s=10)
+    assert router.load_timeout_s == 0.75  # derived from the lock's TTL
+    stuck = adapter("stuck")
+    slots = BackendSlots(str(backend.id), 4, 8, 64)
+    try:
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(ServiceUnavailable):
+            await router.route((backend,), stuck)
+        assert asyncio.get_running_loop().time() - t < 1.0  # ended by the load timeout, inside the lock
+        (state,) = await store.snapshot(POOL, [slots])
+        assert not state.loading and stuck.served_name not in state.registered  # aborted, not left locked
+    finally:
+        await client.session.close()
+        await upstream.aclose()
+
+
+async def test_an_adapter_whose_files_are_missing_is_never_sent_to_a_backend(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    script, upstream, url = await _slow_loads(0.0)
+    backend = BackendView(uuid.uuid4(), "b", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+    client = VllmClient.create()
+    router = Router(
+        store=MemoryResidency(),
+        policy=PackPolicy(),
+        client=client,
+        adapter_root=str(tmp_path),
+        local_store=tmp_path,
+    )
+    gone, there = adapter("gone"), adapter("there")
+    (tmp_path / there.storage_path).mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / there.storage_path / name).write_bytes(b"{}")
+    try:
+        with pytest.raises(ServiceUnavailable) as err:
+            await router.route((backend,), gone)
+        assert "files are missing" in err.value.message
+        assert str(tmp_path) not in err.value.message  # no path in the answer
+        assert script.loads == []
+        lease = await router.route((backend,), there)
+        assert lease.adapter == there.served_name and script.loads == [there.served_name]
+    finally:
+        await client.session.close()
+        await upstream.aclose()
+
+
+async def test_a_long_request_keeps_its_lease_a_killed_gateways_expires() -> None:
+    """Two gateway processes on one Redis, leases of 0.6 s: each renews its own every 0.2 s. The one
+    that stops (its heartbeat cancelled, as when the process is killed) loses its lease within the TTL;
+    the other's request, running for four TTLs, keeps its own."""
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-test-{uuid.uuid4().hex[:8]}"
+    stores = [RedisResidency(redis, prefix=prefix, lease_ttl_s=0.6, lock_ttl_s=5) for _ in range(2)]
+    client = VllmClient.create()  # never called: the adapter is registered already
+    alive, killed = (
+        Router(store=s, policy=PackPolicy(), client=client, adapter_root="/a", load_timeout_s=1)
+        for s in stores
+    )
+    a = adapter("long")
+    await register(stores[0], a)
+    slots = BackendSlots(str(BACKEND.id), 1, 2)
+    try:
+        assert alive.heartbeat_s == pytest.approx(0.2)
+        mine = await alive.route((BACKEND,), a)
+        await killed.route((BACKEND,), a)
+        (state,) = await stores[0].snapshot(POOL, [slots])
+        assert state.inflight == {a.served_name: 2}
+        await killed.close()  # no release: its leases are simply no longer renewed
+        await asyncio.sleep(2.4)
+        (state,) = await stores[0].snapshot(POOL, [slots])
+        assert state.inflight == {a.served_name: 1}
+        await alive.release(mine)
+        (state,) = await stores[0].snapshot(POOL, [slots])
+        assert state.inflight == {}
+    finally:
+        await alive.close()
+        await client.session.close()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()

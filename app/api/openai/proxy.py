@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -143,6 +144,8 @@ class DataPath:
     ) -> tuple[aiohttp.ClientResponse, Lease]:
         pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
         avoid: frozenset[str] = frozenset()
+        # One placement wait for the request, however many attempts it takes.
+        deadline = time.monotonic() + self.router.wait_timeout_s
         for attempt in (1, 2):
             lease = await self.router.route(
                 backends,
@@ -150,6 +153,7 @@ class DataPath:
                 pinned=pinned,
                 tenant_cap=tenant.max_adapters_per_backend,
                 avoid=avoid,
+                deadline=deadline,
             )
             try:
                 resp = await self.client.post(lease.backend.url + route, payload, backend=lease.backend.name)
