@@ -11,6 +11,8 @@ from typing import TypedDict
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.api import admin, health, openai
@@ -42,18 +44,34 @@ def placement_policy(settings: Settings) -> PlacementPolicy:
     return make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None)
 
 
+def redis_client(url: str, timeout_s: float) -> Redis:
+    """Explicit timeouts and no client-side retries (redis-py retries 3 times with backoff by default):
+    a reservation script that timed out may have run, so it must not run again blindly; the router
+    answers the request instead, and the next request tries afresh."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
 def create_app(settings: Settings) -> FastPath:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
-        engine = create_engine(settings.DATABASE_URL)
+        engine = create_engine(settings.DATABASE_URL, timeout_s=settings.DB_TIMEOUT_S)
         settings.store_root.mkdir(parents=True, exist_ok=True)
         sessionmaker = create_sessionmaker(engine)
         client = VllmClient.create(
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT_S, read_timeout=settings.UPSTREAM_READ_TIMEOUT_S
         )
-        cache = RegistryCache(sessionmaker, ttl=settings.CACHE_TTL_S)
+        cache = RegistryCache(
+            sessionmaker, ttl=settings.CACHE_TTL_S, max_stale_s=settings.REGISTRY_MAX_STALE_S
+        )
         assert settings.BACKEND_ADAPTER_ROOT is not None  # filled by Settings
-        redis = Redis.from_url(settings.REDIS_URL) if settings.REDIS_URL else None
+        redis = redis_client(settings.REDIS_URL, settings.REDIS_TIMEOUT_S) if settings.REDIS_URL else None
         store: ResidencyStore = (
             RedisResidency(
                 redis,

@@ -32,8 +32,18 @@ class Settings(BaseSettings):
     UPSTREAM_CONNECT_TIMEOUT_S: float = Field(5.0, gt=0)
     UPSTREAM_READ_TIMEOUT_S: float = Field(600.0, gt=0)
 
+    # Every database call (connect, statement, wait for a pooled connection) gives up after this long.
+    DB_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
+    # While the database does not answer, cached registry answers (keys, adapters, backends) are served
+    # up to this long after they were loaded; unknown keys and admin calls get a 503 meanwhile.
+    REGISTRY_MAX_STALE_S: float = Field(300.0, ge=0)
+
     # Residency: empty means the in-process store (one gateway process); several replicas need Redis.
     REDIS_URL: str = ""
+    # Every Redis call (connect, command) gives up after this long, and is not retried by the client:
+    # while Redis is down requests that need the fleet's state get a 503 within about this long (fail
+    # closed), and the first calls after it returns succeed (no restart).
+    REDIS_TIMEOUT_S: float = Field(1.0, gt=0, le=30)
     REDIS_PREFIX: str = "lgw"
     PLACEMENT_POLICY: str = Field("pack", pattern="^(pack|lru|affinity|round-robin|random)$")
     # Most adapter loads under way at once per base model, across all its backends (0: no cap; each

@@ -7,9 +7,14 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import GatewayError, error_body
+from app.outages import OutageLog, RegistryUnavailable, StateUnavailable, db_unreachable, redis_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,30 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(str(exc.detail), type_, None, code), status_code=exc.status_code, headers=exc.headers
         )
+
+    db_outage, redis_outage = OutageLog("the database"), OutageLog("redis")
+
+    async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
+        # Registered per class so that Starlette's ExceptionMiddleware answers (the catch-all below
+        # re-raises into the server's log: one traceback per request during an outage).
+        if redis_unreachable(exc):
+            redis_outage.failed(exc)
+            return render(StateUnavailable())
+        if db_unreachable(exc):
+            db_outage.failed(exc)
+            return render(RegistryUnavailable())
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    for cls in (
+        DBAPIError,
+        PoolTimeoutError,
+        RedisConnectionError,
+        RedisTimeoutError,
+        ConnectionError,
+        TimeoutError,
+    ):
+        app.add_exception_handler(cls, _dependency_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import Adapter, AdapterState, ApiKey, Backend, BackendKind, BackendState, BaseModel, Tenant
+from app.outages import OutageLog, RegistryUnavailable, db_unreachable
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView, TenantView
 
 log = logging.getLogger(__name__)
@@ -24,49 +25,110 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class Breaker:
+    """Shared by a cache's loaders: once a load finds the database unreachable, for `cooldown_s` no
+    load is tried at all (a stale answer or a 503 at once), then one probes again. So an outage costs
+    the database about one connection attempt per cooldown, and a request no wait."""
+
+    def __init__(self, cooldown_s: float = 2.0) -> None:
+        self.cooldown_s = cooldown_s
+        self._open_until = 0.0
+        self.outage = OutageLog("the database")
+
+    @property
+    def open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    def trip(self, exc: BaseException) -> None:
+        self._open_until = time.monotonic() + self.cooldown_s
+        self.outage.failed(exc)
+
+    def ok(self) -> None:
+        self._open_until = 0.0
+        self.outage.recovered()
+
+
 class _Loader(Generic[K, V]):
     """A bounded TTL map whose misses are loaded once however many requests ask at the same time.
 
-    A plain dict of (expiry, value): a hit costs one lookup and one clock read (cachetools' TTLCache
-    costs several microseconds per hit, and there are four lookups per request). When full, expired
-    entries go first, then the oldest inserted."""
+    A plain dict of key -> (expiry, loaded at, value): a hit costs one lookup and one clock read
+    (cachetools' TTLCache costs several microseconds per hit, and there are four lookups per request).
+    When full, the entries past their staleness bound go first, then the oldest inserted.
 
-    def __init__(self, maxsize: int, ttl: float, load: Callable[[K], Awaitable[V]]) -> None:
-        self._cache: dict[K, tuple[float, V]] = {}
+    When the database is unreachable, an entry past its TTL is still served for up to `max_stale_s`
+    after it was loaded (a known key keeps working through an outage; a key revoked during the outage
+    is revoked once the database answers). A reload that takes longer than `stale_grace_s` while a
+    stale answer exists leaves the request with the stale answer; the reload goes on for the next."""
+
+    def __init__(
+        self,
+        maxsize: int,
+        ttl: float,
+        load: Callable[[K], Awaitable[V]],
+        *,
+        breaker: Breaker | None = None,
+        max_stale_s: float = 0.0,
+        stale_grace_s: float = 0.5,
+    ) -> None:
+        self._cache: dict[K, tuple[float, float, V]] = {}
         self._maxsize = maxsize
         self._ttl = ttl
         self._load = load
-        self._pending: dict[K, asyncio.Future[V]] = {}
+        self._pending: dict[K, asyncio.Task[V]] = {}
+        self._breaker = breaker or Breaker()
+        self._max_stale_s = max_stale_s
+        self._stale_grace_s = stale_grace_s
 
     def _store(self, key: K, value: V) -> None:
         now = time.monotonic()
         self._cache.pop(key, None)
         if len(self._cache) >= self._maxsize:
-            for k in [k for k, (expiry, _) in self._cache.items() if expiry <= now]:
+            keep = self._ttl + self._max_stale_s
+            for k in [k for k, (_, at, _) in self._cache.items() if now - at > keep]:
                 del self._cache[k]
             while len(self._cache) >= self._maxsize:
                 del self._cache[next(iter(self._cache))]
-        self._cache[key] = (now + self._ttl, value)
+        self._cache[key] = (now + self._ttl, now, value)
 
     async def get(self, key: K) -> V:
         hit = self._cache.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
-        self._pending[key] = fut
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[2]
+        stale = hit is not None and now - hit[1] <= self._ttl + self._max_stale_s
+        if self._breaker.open:
+            if stale:
+                return hit[2]  # type: ignore[index]
+            raise RegistryUnavailable()
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._reload(key))
+            task.add_done_callback(_retrieved)  # a reload nobody waited for must not log "never retrieved"
+            self._pending[key] = task
+        if not stale:
+            return await asyncio.shield(task)
+        done, _ = await asyncio.wait({task}, timeout=self._stale_grace_s)
+        if not done:
+            return hit[2]  # type: ignore[index]
+        exc = task.exception()
+        if exc is None:
+            return task.result()
+        if isinstance(exc, RegistryUnavailable):
+            return hit[2]  # type: ignore[index]
+        raise exc
+
+    async def _reload(self, key: K) -> V:
         try:
             value = await self._load(key)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+        except Exception as exc:
+            if db_unreachable(exc):
+                self._breaker.trip(exc)
+                raise RegistryUnavailable() from exc
             raise
         finally:
             del self._pending[key]
+        self._breaker.ok()
         self._store(key, value)
-        fut.set_result(value)
         return value
 
     def invalidate(self, key: K | None = None) -> None:
@@ -74,6 +136,11 @@ class _Loader(Generic[K, V]):
             self._cache.clear()
         else:
             self._cache.pop(key, None)
+
+
+def _retrieved(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def backend_view(b: Backend) -> BackendView:
@@ -100,21 +167,27 @@ class RegistryCache:
         ttl: float,
         maxsize: int = 100_000,
         usage_flush_interval: float = 60.0,
+        max_stale_s: float = 300.0,
     ) -> None:
         self._sessionmaker = sessionmaker
-        self.keys: _Loader[str, TenantView | None] = _Loader(maxsize, ttl, self._load_key)
-        self.adapters: _Loader[tuple[uuid.UUID, str, int | None], AdapterView | None] = _Loader(
-            maxsize, ttl, self._load_adapter
+        self.breaker = Breaker()
+        self._ttl, self._max_stale_s = ttl, max_stale_s
+        self.keys: _Loader[str, TenantView | None] = self._loader(maxsize, self._load_key)
+        self.adapters: _Loader[tuple[uuid.UUID, str, int | None], AdapterView | None] = self._loader(
+            maxsize, self._load_adapter
         )
-        self.tenant_adapters: _Loader[uuid.UUID, tuple[AdapterView, ...]] = _Loader(
-            maxsize, ttl, self._load_tenant_adapters
+        self.tenant_adapters: _Loader[uuid.UUID, tuple[AdapterView, ...]] = self._loader(
+            maxsize, self._load_tenant_adapters
         )
-        self.base_models: _Loader[str, tuple[BaseModelView, ...]] = _Loader(1, ttl, self._load_base_models)
-        self.backends: _Loader[uuid.UUID, tuple[BackendView, ...]] = _Loader(1024, ttl, self._load_backends)
-        self.pinned: _Loader[uuid.UUID, frozenset[str]] = _Loader(1024, ttl, self._load_pinned)
+        self.base_models: _Loader[str, tuple[BaseModelView, ...]] = self._loader(1, self._load_base_models)
+        self.backends: _Loader[uuid.UUID, tuple[BackendView, ...]] = self._loader(1024, self._load_backends)
+        self.pinned: _Loader[uuid.UUID, frozenset[str]] = self._loader(1024, self._load_pinned)
         # Key hash -> last use; written to the database in batches, never per request.
         self._key_use: dict[str, float] = {}
         self._usage_flush_interval = usage_flush_interval
+
+    def _loader(self, maxsize: int, load: Callable[[K], Awaitable[V]]) -> _Loader[K, V]:
+        return _Loader(maxsize, self._ttl, load, breaker=self.breaker, max_stale_s=self._max_stale_s)
 
     # --- lookups -----------------------------------------------------------------------------------
 
@@ -233,7 +306,9 @@ class RegistryCache:
         if not used:
             return 0
         async with self._sessionmaker() as session:
-            for key_hash, at in used.items():
+            # In one order on every replica: two gateways updating the same keys in different orders
+            # deadlock in Postgres (seen under load).
+            for key_hash, at in sorted(used.items()):
                 await session.execute(
                     update(ApiKey)
                     .where(ApiKey.key_hash == key_hash)
@@ -247,5 +322,8 @@ class RegistryCache:
             await asyncio.sleep(self._usage_flush_interval)
             try:
                 await self.flush_key_usage()
-            except Exception:  # a DB hiccup must not end the loop; the next round retries
-                log.exception("could not record API key usage")
+            except Exception as exc:  # a DB hiccup must not end the loop; the next round retries
+                if db_unreachable(exc):
+                    self.breaker.outage.failed(exc)
+                else:
+                    log.exception("could not record API key usage")

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from app.backends.vllm import BackendUnavailable, VllmClient
 from app.errors import ServiceUnavailable
+from app.outages import OutageLog
 from app.registry.snapshots import AdapterView, BackendView
 from app.residency.state import BackendSlots, BackendState, Outcome, ResidencyStore
 from app.routing.policy import Action, Decision, PlacementPolicy, Request
@@ -109,6 +110,7 @@ class Router:
         self._others: dict[str, Counter[str]] = {}  # pool -> what the other processes wait for
         self._read_at: dict[str, float] = {}  # pool -> when the others' counts were last read
         self.idle_tick_s = 0.25
+        self.store_outage = OutageLog("the residency store")  # one log line per outage, not per tick
         self.waiting_ttl_s = 2.0
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.
@@ -405,8 +407,9 @@ class Router:
             now = time.monotonic()
             if now - self._read_at.get(pool, now) > self.waiting_ttl_s:
                 self._others.pop(pool, None)
-            log.warning("publishing waiting counts failed: %s", type(exc).__name__)
+            self.store_outage.failed(exc)
             return
+        self.store_outage.recovered()
         self._read_at[pool] = time.monotonic()
         others = Counter({a: n - sent.get(a, 0) for a, n in sums.items() if n > sent.get(a, 0)})
         if others:
@@ -551,7 +554,7 @@ class Router:
             try:
                 await self.store.renew(pool, leases)
             except Exception as exc:  # noqa: BLE001 - the store is down: the next beat tries again
-                log.warning("renewing %d leases failed: %s", len(leases), type(exc).__name__)
+                self.store_outage.failed(exc)
 
     async def release(self, lease: Lease) -> None:
         if lease.released or lease.adapter is None:

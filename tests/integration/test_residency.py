@@ -89,6 +89,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # cores, busy with the long requests of the eviction test, serve a wave of cold adapters in
         # tens of seconds: these tests are about what gets evicted and loaded, not how fast.
         "GATEWAY_PLACEMENT_WAIT_S": "90",
+        # The default 1 s is for a Redis that answers in a millisecond; here two CPU vLLMs starve the
+        # gateways' event loops on two cores for longer than that, and a Redis call that times out is
+        # a 503 (never retried: a timed-out script may have run).
+        "GATEWAY_REDIS_TIMEOUT_S": "5",
     }
     procs = []
     try:

@@ -35,6 +35,7 @@ from app.errors import (
     ServiceUnavailable,
     error_body,
 )
+from app.outages import StateUnavailable
 from app.registry.cache import RegistryCache
 from app.registry.snapshots import BackendView, TenantView
 from app.routing.resolve import Target, resolve
@@ -58,6 +59,7 @@ class DataPath:
         self.router = router
         self.client = router.client
         self.max_request_bytes = max_request_bytes
+        self.store_outage = router.store_outage
 
     async def authenticate(self, request: Request) -> TenantView:
         token = security.bearer_token(request.headers.get("authorization"))
@@ -120,10 +122,9 @@ class DataPath:
         except (RedisError, TimeoutError) as exc:
             watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
-            log.warning("residency store failed: %s", type(exc).__name__)
-            raise ServiceUnavailable(
-                "the gateway's residency store is unavailable; retry", headers={"Retry-After": "1"}
-            ) from exc
+            # Fail closed, at once; one log line per outage (the handlers' OutageLog), not per request.
+            self.store_outage.failed(exc)
+            raise StateUnavailable() from exc
         except BaseException:
             watch.close()
             raise
