@@ -39,12 +39,36 @@ class StateUnavailable(ServiceUnavailable):
         )
 
 
+# SQLSTATE classes that say the server is not there to answer: connection exception (08), operator
+# intervention (57: shutting down, starting up, admin shutdown), insufficient resources (53: too many
+# connections).
+_UNAVAILABLE_SQLSTATE = ("08", "57", "53")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    for _ in range(4):  # SQLAlchemy's error -> the driver adapter's -> asyncpg's
+        if seen is None:
+            return None
+        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(code, str):
+            return code
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
 def db_unreachable(exc: BaseException) -> bool:
     """The database (or the pool's wait for a connection) failed, as opposed to a query being wrong.
-    asyncpg's refused or timed-out connects reach us as builtins, not wrapped by SQLAlchemy."""
+    asyncpg's refused or timed-out connects reach us as builtins, not wrapped by SQLAlchemy; a server
+    shutting down answers with SQLSTATE 57P01-57P03, wrapped as a plain DBAPIError."""
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError | ConnectionError | TimeoutError):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = _sqlstate(exc)
+    return code is not None and code[:2] in _UNAVAILABLE_SQLSTATE
 
 
 def redis_unreachable(exc: BaseException) -> bool:

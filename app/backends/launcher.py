@@ -66,6 +66,9 @@ class VllmCpuConfig:
     log_path: Path | None = None  # default: a new file in the temp directory
     extra_args: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # The bearer token vLLM requires on /v1/* (its --api-key, passed as VLLM_API_KEY so that it does not
+    # show in the process list). None: no token, anyone who reaches the port may call the runtime LoRA API.
+    api_key: str | None = field(default=None, repr=False)
 
 
 class VllmCpuServer:
@@ -86,6 +89,11 @@ class VllmCpuServer:
     @property
     def base_url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client of this server sends: its bearer token, if it has one."""
+        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
     @property
     def pid(self) -> int | None:
@@ -113,6 +121,9 @@ class VllmCpuServer:
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, **BASE_ENV, **self.config.extra_env}
+        env.pop("VLLM_API_KEY", None)
+        if self.config.api_key:
+            env["VLLM_API_KEY"] = self.config.api_key
         if self.config.kv_cache_bytes is not None:
             # vLLM lets this legacy variable override --kv-cache-memory-bytes.
             env.pop("VLLM_CPU_KVCACHE_SPACE", None)

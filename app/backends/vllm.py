@@ -87,6 +87,16 @@ def is_unknown_model(err: UpstreamError) -> bool:
     return err.status == 404 and err.param == "model"
 
 
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _headers(token: str | None, base: dict[str, str] | None) -> dict[str, str] | None:
+    """The backend's bearer token on every call (vLLM's --api-key guards all of /v1)."""
+    if not token:
+        return base
+    return {**(base or {}), "Authorization": f"Bearer {token}"}
+
+
 class VllmClient:
     def __init__(
         self, session: aiohttp.ClientSession, *, control_timeout: float = 120.0, connect_timeout: float = 5.0
@@ -117,12 +127,14 @@ class VllmClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def post(self, url: str, body: bytes, *, backend: str) -> aiohttp.ClientResponse:
+    async def post(
+        self, url: str, body: bytes, *, backend: str, token: str | None = None
+    ) -> aiohttp.ClientResponse:
         """Sends a JSON request; the caller reads (and releases) the response. A kept-alive connection
         that the server closed as it was being reused (no response began) is retried once on a new one."""
         for attempt in (1, 2):
             try:
-                return await self.session.post(url, data=body, headers={"Content-Type": "application/json"})
+                return await self.session.post(url, data=body, headers=_headers(token, _JSON_HEADERS))
             except _NEVER_REACHED as exc:
                 raise _unreachable(backend, exc, never_reached=True) from exc
             except _REUSE_RACE as exc:
@@ -133,7 +145,14 @@ class VllmClient:
         raise AssertionError("unreachable")
 
     async def _control(
-        self, method: str, url: str, *, backend: str, json: Any = None, timeout_s: float | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        backend: str,
+        token: str | None,
+        json: Any = None,
+        timeout_s: float | None = None,
     ) -> tuple[int, bytes]:
         timeout = self._control_timeout
         if timeout_s is not None:
@@ -142,7 +161,9 @@ class VllmClient:
                 total=timeout_s, connect=min(timeout.connect or timeout_s, timeout_s)
             )
         try:
-            async with self.session.request(method, url, json=json, timeout=timeout) as resp:
+            async with self.session.request(
+                method, url, json=json, timeout=timeout, headers=_headers(token, None)
+            ) as resp:
                 return resp.status, await resp.read()
         except _NEVER_REACHED as exc:
             raise _unreachable(backend, exc, never_reached=True) from exc
@@ -150,12 +171,20 @@ class VllmClient:
             raise _unreachable(backend, exc) from exc
 
     async def load_adapter(
-        self, base_url: str, name: str, path: str, *, backend: str, timeout_s: float | None = None
+        self,
+        base_url: str,
+        name: str,
+        path: str,
+        *,
+        backend: str,
+        token: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         status, body = await self._control(
             "POST",
             f"{base_url}/v1/load_lora_adapter",
             backend=backend,
+            token=token,
             json={"lora_name": name, "lora_path": path},
             timeout_s=timeout_s,
         )
@@ -163,7 +192,7 @@ class VllmClient:
             return
         err = parse_error(status, body)
         if status == 400 and any(
-            m.get("id") == name for m in await self.list_models(base_url, backend=backend)
+            m.get("id") == name for m in await self.list_models(base_url, backend=backend, token=token)
         ):
             # vLLM refuses a duplicate name with 400: loaded meanwhile (another replica, or our state was
             # lost). The backend's own list decides, not the wording of its message.
@@ -178,19 +207,34 @@ class VllmClient:
         )
 
     async def unload_adapter(
-        self, base_url: str, name: str, *, backend: str, timeout_s: float | None = None
+        self,
+        base_url: str,
+        name: str,
+        *,
+        backend: str,
+        token: str | None = None,
+        timeout_s: float | None = None,
     ) -> bool:
         status, _ = await self._control(
             "POST",
             f"{base_url}/v1/unload_lora_adapter",
             backend=backend,
+            token=token,
             json={"lora_name": name},
             timeout_s=timeout_s,
         )
         return status == 200
 
-    async def list_models(self, base_url: str, *, backend: str) -> list[dict[str, Any]]:
-        status, body = await self._control("GET", f"{base_url}/v1/models", backend=backend)
+    async def list_models(
+        self, base_url: str, *, backend: str, token: str | None = None
+    ) -> list[dict[str, Any]]:
+        status, body = await self._control("GET", f"{base_url}/v1/models", backend=backend, token=token)
+        if status in (401, 403):
+            log.error(
+                "backend %s refuses the gateway's token (%s): set its api_key to its --api-key",
+                backend,
+                status,
+            )
         if status != 200:
             log.info("backend %s answered %s to /v1/models", backend, status)
             raise BackendUnavailable("the model server is not ready; retry")

@@ -119,6 +119,9 @@ class Backend(IdMixin, CreatedMixin, Base):
     max_num_seqs: Mapped[int | None] = mapped_column(Integer)
     kind: Mapped[BackendKind] = mapped_column(_enum(BackendKind), default=BackendKind.SHARED)
     state: Mapped[BackendState] = mapped_column(_enum(BackendState), default=BackendState.ACTIVE)
+    # The bearer token the backend requires (vLLM's --api-key), sent on every data and control call.
+    # Write-only through the admin API. Stored as given: the gateway must present it.
+    api_key: Mapped[str | None] = mapped_column(String(500))
 
 
 class Adapter(IdMixin, CreatedMixin, Base):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ def _adapter_files(folder: Path) -> list[tuple[str, tuple[str, bytes]]]:
 
 
 async def _register(
-    admin: httpx.AsyncClient, model_dir: Path, adapter_dirs: tuple[Path, ...], vllm_url: str
+    admin: httpx.AsyncClient, model_dir: Path, adapter_dirs: tuple[Path, ...], vllm_url: str, vllm_key: str
 ) -> None:
     await _ok(await admin.post("/base-models", json={"name": BASE, "path": str(model_dir)}), 409)
     backend = await admin.get("/backends/demo-cpu")
@@ -54,10 +55,13 @@ async def _register(
                 "gpu_slots": 4,
                 "max_lora_rank": 8,
                 "capacity": 8,
+                "api_key": vllm_key,
             },
         ),
         409,
     )
+    # Registered by an earlier run: this run's vLLM has a new token.
+    await _ok(await admin.patch("/backends/demo-cpu", json={"api_key": vllm_key}))
     await _ok(await admin.post("/tenants", json={"name": TENANT, "display_name": "Demo tenant"}), 409)
     existing = {a["name"] for a in (await admin.get(f"/tenants/{TENANT}/adapters")).json()["data"]}
     for name, folder in zip(ADAPTERS, adapter_dirs, strict=True):
@@ -114,6 +118,8 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
             max_cpu_loras=8,
             kv_cache_bytes=64 << 20,
             log_path=data / "vllm.log",
+            # vLLM's runtime LoRA API loads any path it is given: only the gateway may call it.
+            api_key=secrets.token_urlsafe(32),
         )
     )
     console.print(f"starting vLLM (CPU build) on port {vllm_port}; log: {data / 'vllm.log'} ...")
@@ -143,7 +149,8 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
         async with httpx.AsyncClient(
             base_url=f"{url}/admin/v1", headers={"Authorization": f"Bearer {admin_key}"}, timeout=120
         ) as admin:
-            await _register(admin, tiny.base, tiny.adapters, vllm.base_url)
+            assert vllm.config.api_key is not None
+            await _register(admin, tiny.base, tiny.adapters, vllm.base_url, vllm.config.api_key)
             key = await _demo_key(admin, url, data / "demo-api-key")
         await vllm.wait_ready_async()
         console.print(

@@ -152,6 +152,7 @@ def backend_view(b: Backend) -> BackendView:
         gpu_slots=b.gpu_slots,
         capacity=b.capacity,
         max_num_seqs=b.max_num_seqs,
+        api_key=b.api_key,
     )
 
 

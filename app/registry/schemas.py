@@ -6,7 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StrictBool, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
 
 from app.db.models import AdapterState, BackendKind, BackendState
 
@@ -89,6 +98,10 @@ class BaseModelRead(_Read):
     created_at: datetime
 
 
+_API_KEY = (
+    "the bearer token the backend requires (vLLM's --api-key / VLLM_API_KEY), sent on every call to it; "
+    "write-only: never shown again"
+)
 _MAX_NUM_SEQS = (
     "Requests it runs in one batch (vLLM --max-num-seqs, or a target concurrency); placement sends it no "
     "more at once. Unset: no such limit"
@@ -105,6 +118,7 @@ class BackendCreate(BaseModel):
     capacity: int | None = Field(None, ge=1, description="Adapters registered at once; default = gpu_slots")
     max_num_seqs: int | None = Field(None, ge=1, description=_MAX_NUM_SEQS)
     kind: BackendKind = BackendKind.SHARED
+    api_key: SecretStr | None = Field(None, min_length=1, max_length=500, description=_API_KEY)
 
     @model_validator(mode="after")
     def _capacity_covers_slots(self) -> BackendCreate:
@@ -120,6 +134,9 @@ class BackendUpdate(BaseModel):
     max_lora_rank: int | None = Field(None, ge=1, le=1024)
     capacity: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1, description=_MAX_NUM_SEQS + "; null clears it")
+    api_key: SecretStr | None = Field(
+        None, max_length=500, description=_API_KEY + "; an empty string clears it"
+    )
 
 
 class BackendRead(_Read):
@@ -133,6 +150,7 @@ class BackendRead(_Read):
     max_num_seqs: int | None
     kind: BackendKind
     state: BackendState
+    api_key_set: bool = Field(description="whether the gateway sends a bearer token to it (never shown)")
     created_at: datetime
 
 

@@ -192,8 +192,13 @@ async def max_lora_rank(session: AsyncSession, *, base_model: BaseModel, default
 def backend_read(backend: Backend, base_model: BaseModel) -> schemas.BackendRead:
     return schemas.BackendRead.model_validate(
         {
-            **{c: getattr(backend, c) for c in schemas.BackendRead.model_fields if c != "base_model"},
+            **{
+                c: getattr(backend, c)
+                for c in schemas.BackendRead.model_fields
+                if c not in ("base_model", "api_key_set")
+            },
             "base_model": base_model.name,
+            "api_key_set": bool(backend.api_key),
         }
     )
 
@@ -223,6 +228,7 @@ async def create_backend(session: AsyncSession, *, data: schemas.BackendCreate) 
         capacity=data.capacity or data.gpu_slots,
         max_num_seqs=data.max_num_seqs,
         kind=data.kind,
+        api_key=data.api_key.get_secret_value() if data.api_key else None,
     )
     session.add(backend)
     await _commit_unique(session, f"backend named {data.name!r} or at {backend.url!r}")
@@ -234,7 +240,10 @@ async def update_backend(
 ) -> tuple[Backend, BaseModel]:
     backend, model = await get_backend(session, ref)
     for field, value in data.model_dump(exclude_unset=True).items():
-        if value is not None or field == "max_num_seqs":  # the one field null clears
+        if field == "api_key":
+            if value is not None:
+                backend.api_key = value.get_secret_value() or None  # "" clears it
+        elif value is not None or field == "max_num_seqs":  # the one field null clears
             setattr(backend, field, value)
     if backend.capacity < backend.gpu_slots:
         raise InvalidRequest("capacity must be >= gpu_slots", param="capacity")

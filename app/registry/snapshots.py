@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +48,4 @@ class BackendView:
     gpu_slots: int
     capacity: int
     max_num_seqs: int | None = None
+    api_key: str | None = field(default=None, repr=False)  # its bearer token; never in a log line

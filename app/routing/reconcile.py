@@ -73,7 +73,9 @@ class Reconciler:
         slots = BackendSlots(key, backend.gpu_slots, backend.capacity, backend.max_num_seqs)
         known_before = set((await self.router.store.snapshot(pool, [slots]))[0].registered)
         try:
-            models = await self.router.client.list_models(backend.url, backend=backend.name)
+            models = await self.router.client.list_models(
+                backend.url, backend=backend.name, token=backend.api_key
+            )
         except BackendUnavailable:
             self._failures[key] = self._failures.get(key, 0) + 1
             if self._failures[key] >= self.unhealthy_after and key not in self.router.unhealthy:
@@ -102,7 +104,9 @@ class Reconciler:
         for victim in victims:
             try:
                 if reachable:
-                    await self.router.client.unload_adapter(backend.url, victim, backend=backend.name)
+                    await self.router.client.unload_adapter(
+                        backend.url, victim, backend=backend.name, token=backend.api_key
+                    )
             except BackendUnavailable:
                 reachable = False  # down: what was not unloaded shows up in its listing again
             except Exception:

@@ -515,7 +515,11 @@ class Router:
             if victim is not None:
                 try:
                     await self.client.unload_adapter(
-                        backend.url, victim, backend=backend.name, timeout_s=until - time.monotonic()
+                        backend.url,
+                        victim,
+                        backend=backend.name,
+                        token=backend.api_key,
+                        timeout_s=until - time.monotonic(),
                     )
                     log.info("evicted %s from %s", victim, backend.name)
                 finally:
@@ -525,6 +529,7 @@ class Router:
                 name,
                 self.adapter_path(adapter),
                 backend=backend.name,
+                token=backend.api_key,
                 timeout_s=max(until - time.monotonic(), 0.001),
             )
         except BaseException:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.api.test_tenants import assert_envelope
 from tests.factories import registry
@@ -134,6 +136,29 @@ class TestBackends:
         assert (await admin.get("/admin/v1/backends/b1")).json()["max_num_seqs"] is None
         assert_envelope(await admin.patch("/admin/v1/backends/b2", json={"max_num_seqs": 0}), 400)
         assert (await admin.get("/admin/v1/backends/b2")).json()["max_num_seqs"] == 64
+
+    async def test_api_key_is_write_only(self, admin: httpx.AsyncClient, engine: AsyncEngine) -> None:
+        token = "vllm-token-Zx81qPm4"
+        await registry.base_model(admin)
+        created = await registry.backend(admin, "b1", api_key=token)
+        plain = await registry.backend(admin, "b2")
+        assert (created["api_key_set"], plain["api_key_set"]) == (True, False)
+        for resp in (
+            await admin.get("/admin/v1/backends"),
+            await admin.get("/admin/v1/backends/b1"),
+            await admin.patch("/admin/v1/backends/b1", json={"state": "active"}),
+        ):
+            assert resp.status_code == 200 and token not in resp.text and 'api_key"' not in resp.text
+        async with engine.connect() as conn:
+            stored = (await conn.execute(text("SELECT api_key FROM backends WHERE name = 'b1'"))).scalar()
+        assert stored == token  # the gateway must present it: kept as given, shown never
+        resp = await admin.patch("/admin/v1/backends/b2", json={"api_key": "other-token"})
+        assert resp.json()["api_key_set"] is True
+        resp = await admin.patch("/admin/v1/backends/b1", json={"api_key": ""})  # cleared
+        assert resp.json()["api_key_set"] is False
+        assert_envelope(await admin.post("/admin/v1/backends", json={
+            "name": "b3", "url": "http://b3:8000", "base_model": "tiny-llama", "gpu_slots": 4, "api_key": ""
+        }), 400)  # fmt: skip
 
     async def test_unknown_base_model_is_404(self, admin: httpx.AsyncClient) -> None:
         body = {"name": "b1", "url": "http://x:8000", "base_model": "nope", "gpu_slots": 4}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from app.backends.launcher import VllmCpuConfig, VllmCpuServer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE = "tiny-llama"
 ADMIN_KEY = "integration-admin-key-0123456789"
+# The vLLM servers of these tests require a bearer token, as README tells operators to run them.
+VLLM_KEY = secrets.token_urlsafe(24)
 
 
 def free_port() -> int:
@@ -68,6 +71,7 @@ def start_vllm(tiny, log: Path, port: int = 0) -> VllmCpuServer:  # type: ignore
         max_model_len=4096,  # the tiny model's limit: room for the long generations the disconnect tests abort
         kv_cache_bytes=64 << 20,
         log_path=log,
+        api_key=VLLM_KEY,
     )
     server = VllmCpuServer(config)
     server.start()
@@ -158,6 +162,7 @@ def gateway(vllm: VllmCpuServer, tiny, tmp_path_factory: pytest.TempPathFactory)
                     "gpu_slots": 4,
                     "max_lora_rank": 8,
                     "capacity": 8,
+                    "api_key": VLLM_KEY,
                 },
             )
         )
@@ -185,7 +190,7 @@ def direct(vllm: VllmCpuServer, tiny) -> dict[str, str]:  # type: ignore[no-unty
         "globex/support": tiny.adapters[2],
     }
     refs = {}
-    with httpx.Client(base_url=vllm.base_url, timeout=60) as c:
+    with httpx.Client(base_url=vllm.base_url, headers=vllm.headers, timeout=60) as c:
         for key, path in names.items():
             name = "direct-" + key.replace("/", "-")
             resp = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})

@@ -11,7 +11,7 @@ import pytest
 from inotify_simple import INotify, flags
 
 from app.backends.launcher import VllmCpuServer
-from tests.integration.conftest import BASE, Gateway
+from tests.integration.conftest import BASE, VLLM_KEY, Gateway
 
 pytestmark = pytest.mark.vllm
 
@@ -25,7 +25,7 @@ def client(gw: Gateway, tenant: str = "acme", **kw: object) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def vllm_client(vllm: VllmCpuServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=vllm.base_url + "/v1", api_key="none", max_retries=0)
+    return openai.OpenAI(base_url=vllm.base_url + "/v1", api_key=vllm.config.api_key or "none", max_retries=0)
 
 
 def chat(c: openai.OpenAI, model: str, **kw: object) -> str:
@@ -119,7 +119,7 @@ class TestTenants:
 
     def test_backend_never_sees_the_tenants_names(self, gateway: Gateway, vllm: VllmCpuServer) -> None:
         chat(client(gateway, "acme"), "support")
-        ids = [m["id"] for m in httpx.get(vllm.base_url + "/v1/models").json()["data"]]
+        ids = [m["id"] for m in httpx.get(vllm.base_url + "/v1/models", headers=vllm.headers).json()["data"]]
         assert "support" not in ids and "legal" not in ids
         assert any(i.startswith("lgw-") for i in ids)
 
@@ -220,6 +220,25 @@ class TestErrors:
             chat(client(gateway), "ghost")
         assert exc.value.status_code == 503
         assert exc.value.response.headers["retry-after"]
+
+    def test_backend_calls_carry_its_token(self, gateway: Gateway, vllm: VllmCpuServer) -> None:
+        """vLLM runs with a token (--api-key): nobody without it may list or load adapters there; the
+        gateway sends it on data and control calls; a wrong one is the operator's error (a 502 that names
+        no backend), never shown to the tenant as a bad key of theirs."""
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/load_lora_adapter")):
+            resp = httpx.request(method, vllm.base_url + path, json={"lora_name": "x", "lora_path": "/etc"})
+            assert resp.status_code == 401, resp.text
+        assert chat(client(gateway), "legal")  # a load and a request, both through the token
+        resp = gateway.admin.patch("/admin/v1/backends/cpu-1", json={"api_key": "not-the-token"})
+        assert resp.status_code == 200 and resp.json()["api_key_set"] is True
+        try:
+            with pytest.raises(openai.APIStatusError) as exc:
+                chat(client(gateway), "support")
+            assert exc.value.status_code == 502
+            assert vllm.base_url not in exc.value.response.text and "cpu-1" not in exc.value.response.text
+        finally:
+            gateway.admin.patch("/admin/v1/backends/cpu-1", json={"api_key": VLLM_KEY}).raise_for_status()
+        assert chat(client(gateway), "support")
 
     def test_malformed_requests(self, gateway: Gateway) -> None:
         h = {"Authorization": f"Bearer {gateway.keys['acme']}"}

@@ -119,6 +119,7 @@ def restartable(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
                 "base_model": BASE,
                 "gpu_slots": 4,
                 "max_lora_rank": 8,
+                "api_key": server.config.api_key,
             },
         ).raise_for_status()
         admin.post("/admin/v1/tenants", json={"name": "acme"}).raise_for_status()
@@ -148,7 +149,10 @@ def test_vllm_restart_is_invisible_to_the_next_request(
     server.stop()
     restarted = start_vllm(tiny, Path(str(server.log_path) + ".2"), port=port)  # same URL, empty adapter set
     try:
-        assert [m["id"] for m in httpx.get(restarted.base_url + "/v1/models").json()["data"]] == [BASE]
+        assert [
+            m["id"]
+            for m in httpx.get(restarted.base_url + "/v1/models", headers=restarted.headers).json()["data"]
+        ] == [BASE]
         after = client.chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
         assert after == before
         stream = client.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]

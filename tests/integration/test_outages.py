@@ -66,6 +66,7 @@ def stack(vllm: VllmCpuServer, tiny, tmp_path_factory: pytest.TempPathFactory) -
                     "gpu_slots": 4,
                     "max_lora_rank": 8,
                     "capacity": 8,
+                    "api_key": vllm.config.api_key,
                 },
             ),
             ("/admin/v1/tenants", {"name": "acme"}),

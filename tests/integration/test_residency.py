@@ -20,7 +20,15 @@ from sqlalchemy.engine import make_url
 
 from app.backends.launcher import VllmCpuConfig, VllmCpuServer
 from tests.conftest import PG_ADMIN_URL, _pg_admin
-from tests.integration.conftest import ADMIN_KEY, BASE, start_gateway, stop_process, upload, vllm_venv
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    BASE,
+    VLLM_KEY,
+    start_gateway,
+    stop_process,
+    upload,
+    vllm_venv,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -49,11 +57,12 @@ def _server(tiny, log: Path, port: int = 0) -> VllmCpuServer:  # type: ignore[no
     return VllmCpuServer(VllmCpuConfig(
         model=tiny.base, served_model_name=BASE, venv=vllm_venv(), port=port, max_loras=SLOTS,
         max_lora_rank=8, max_cpu_loras=SLOTS, max_model_len=1024, kv_cache_bytes=64 << 20, log_path=log,
+        api_key=VLLM_KEY,
     ))  # fmt: skip
 
 
 def _loaded(server: VllmCpuServer) -> set[str]:
-    data = httpx.get(server.base_url + "/v1/models", timeout=10).json()["data"]
+    data = httpx.get(server.base_url + "/v1/models", headers=server.headers, timeout=10).json()["data"]
     return {m["id"] for m in data if m["id"].startswith("lgw-")}
 
 
@@ -117,6 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     "gpu_slots": SLOTS,
                     "max_lora_rank": 8,
                     "capacity": SLOTS,
+                    "api_key": VLLM_KEY,
                 },
             ).raise_for_status()
         keys, adapters = {}, {}
@@ -129,7 +139,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             adapters[f"{tenant}/{name}"] = tenant
         # Reference outputs straight from vLLM, one adapter at a time, unloaded again afterwards.
         reference = {}
-        with httpx.Client(base_url=servers[0].base_url, timeout=60) as c:
+        with httpx.Client(base_url=servers[0].base_url, headers=servers[0].headers, timeout=60) as c:
             for i, full in enumerate(adapters):
                 c.post(
                     "/v1/load_lora_adapter", json={"lora_name": "ref", "lora_path": str(tiny.adapters[i])}

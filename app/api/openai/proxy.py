@@ -157,7 +157,12 @@ class DataPath:
                 deadline=deadline,
             )
             try:
-                resp = await self.client.post(lease.backend.url + route, payload, backend=lease.backend.name)
+                resp = await self.client.post(
+                    lease.backend.url + route,
+                    payload,
+                    backend=lease.backend.name,
+                    token=lease.backend.api_key,
+                )
                 if resp.status == 200:
                     if self.router.unhealthy:
                         self.router.answered(lease.backend)
@@ -268,6 +273,15 @@ class ClientGone(Exception):
 
 
 def _client_error(err: UpstreamError, target: Target) -> GatewayError:
+    if err.status in (401, 403):
+        # The backend refused the gateway's own token: an operator's mistake, never the tenant's key.
+        log.error("a backend refused the gateway's token (%s): check the backend's api_key", err.status)
+        return BackendError(
+            "the model backend refused this request; the operator has been told",
+            status_code=502,
+            type_="server_error",
+            param=None,
+        )
     if err.status >= 500:
         log.warning("backend error %s: %s", err.status, err.message)
         return BackendError(
