@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app import metrics, security
+from app.api.openai import surface
 from app.backends.vllm import (
     BackendError,
     BackendUnavailable,
@@ -94,15 +95,13 @@ class DataPath:
     async def handle(self, request: Request, route: str) -> Response:
         tenant = await self.authenticate(request)
         body = await self.read_json(request)
-        target = await resolve(self.cache, tenant, body.get("model"), body.pop("lora_request", None))
-        # A request-level chat template could name a file on the backend: never pass one through.
-        body.pop("chat_template", None)
-        stream = body.get("stream") is True
+        lora_request = body.pop("lora_request", None)  # the seed's way of naming an adapter
+        # Only the allowlisted fields go on; the tenant's cache salt is set (app/api/openai/surface.py).
+        stream = surface.check(route, body, tenant.id)
+        target = await resolve(self.cache, tenant, body.get("model"), lora_request)
         client_wants_usage = False
         if stream:
             opts = body.get("stream_options")
-            if opts is not None and not isinstance(opts, dict):
-                raise InvalidRequest("'stream_options' must be an object", param="stream_options")
             client_wants_usage = bool(opts and opts.get("include_usage"))
             # Always ask for usage upstream; the chunk is dropped again if the client did not ask.
             body["stream_options"] = {**(opts or {}), "include_usage": True}
