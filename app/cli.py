@@ -79,14 +79,25 @@ def serve(
     import uvicorn
 
     settings = get_settings()
+    if workers > 1 and not settings.REDIS_URL:
+        # Each worker would keep its own in-process residency: N placers evicting each other's adapters.
+        err.print(
+            "--workers > 1 needs GATEWAY_REDIS_URL: without Redis every worker keeps its own residency "
+            "state, and they would load and evict adapters under each other"
+        )
+        raise typer.Exit(2)
     key, created = ensure_admin_key(settings)
     os.environ["GATEWAY_ADMIN_API_KEY"] = key  # the uvicorn factory builds its own Settings
     get_settings.cache_clear()
     host, port = host or settings.HOST, port or settings.PORT
     url = f"http://{host}:{port}"
-    where = "new, saved to " + str(admin_key_path(settings)) if created else "configured"
     console.print(f"[bold]LoRA Gateway[/bold] on {url}  (database: {settings.DATABASE_URL.split('@')[-1]})")
-    console.print(f"admin API key ({where}): [bold]{key}[/bold]")
+    if created:  # shown once, when it is made; never again in a log
+        console.print(f"admin API key (new, saved to {admin_key_path(settings)}): [bold]{key}[/bold]")
+    elif settings.ADMIN_API_KEY is not None:
+        console.print("admin API key: GATEWAY_ADMIN_API_KEY")
+    else:
+        console.print(f"admin API key: in {admin_key_path(settings)}")
     console.print(
         "next: lora-gateway tenants create acme  ->  lora-gateway keys create acme  ->  "
         "lora-gateway adapters upload acme NAME ./adapter-dir"

@@ -75,6 +75,23 @@ def redis_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError | RedisTimeoutError)
 
 
+class Outages:
+    """Maps a dependency's failure to the tenant's 503 and logs it once per outage; None for anything
+    else (a bug: the caller's 500)."""
+
+    def __init__(self) -> None:
+        self.db, self.redis = OutageLog("the database"), OutageLog("redis")
+
+    def answer(self, exc: BaseException) -> ServiceUnavailable | None:
+        if redis_unreachable(exc):
+            self.redis.failed(exc)
+            return StateUnavailable()
+        if db_unreachable(exc):
+            self.db.failed(exc)
+            return RegistryUnavailable()
+        return None
+
+
 class OutageLog:
     """A warning when a dependency starts failing and at most one per `every_s` while it goes on, with
     the number of failures in between; one line when it answers again."""
@@ -111,3 +128,6 @@ class OutageLog:
                 self._count,
             )
             self._since, self._count = None, 0
+
+
+OUTAGES = Outages()  # one per process: both ways in (FastAPI and the fast path) report to it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def generate_api_key() -> str:
 
 def generate_admin_key() -> str:
     return ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+# What generate_api_key makes: the prefix and 43 URL-safe base64 characters. Checked before the key is
+# hashed or looked up, so malformed tokens cost no cache entry and no database query.
+_KEY_SHAPE = re.compile(r"lgw-[A-Za-z0-9_-]{43}")
+
+
+def looks_like_api_key(token: str) -> bool:
+    return _KEY_SHAPE.fullmatch(token) is not None
 
 
 def hash_api_key(key: str) -> str:

@@ -72,6 +72,37 @@ def test_serve_generates_and_prints_an_admin_key(gateway: tuple[str, dict[str, s
     assert httpx.get(f"{url}/admin/v1/tenants").status_code == 401
 
 
+def test_serve_prints_the_key_only_when_it_makes_it(gateway: tuple[str, dict[str, str]]) -> None:
+    """A second serve on the same data dir reads the saved key and prints where it is, not the key; and
+    several workers without Redis are refused before anything starts."""
+    _, env = gateway
+    key = (Path(env["GATEWAY_DATA_DIR"]) / "admin-api-key").read_text().strip()
+    refused = cli(env, "serve", "--workers", "2")
+    assert refused.returncode == 2 and "GATEWAY_REDIS_URL" in refused.stderr
+    port = _free_port()
+    again = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert again.poll() is None and time.monotonic() < deadline, "second gateway did not start"
+            time.sleep(0.2)
+    finally:
+        again.terminate()
+        out, _ = again.communicate(timeout=15)
+    assert "admin API key: in " in out and key not in out
+
+
 def test_admin_commands(gateway: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     url, env = gateway
     key = (Path(env["GATEWAY_DATA_DIR"]) / "admin-api-key").read_text().strip()

@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import GatewayError, error_body
-from app.outages import OutageLog, RegistryUnavailable, StateUnavailable, db_unreachable, redis_unreachable
+from app.outages import OUTAGES
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,12 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(str(exc.detail), type_, None, code), status_code=exc.status_code, headers=exc.headers
         )
 
-    db_outage, redis_outage = OutageLog("the database"), OutageLog("redis")
-
     async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
         # Registered per class so that Starlette's ExceptionMiddleware answers (the catch-all below
         # re-raises into the server's log: one traceback per request during an outage).
-        if redis_unreachable(exc):
-            redis_outage.failed(exc)
-            return render(StateUnavailable())
-        if db_unreachable(exc):
-            db_outage.failed(exc)
-            return render(RegistryUnavailable())
+        answer = OUTAGES.answer(exc)
+        if answer is not None:
+            return render(answer)
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 

@@ -24,7 +24,7 @@ def split_version(model: str) -> tuple[str, int | None]:
     name, sep, version = model.rpartition("@")
     if not sep:
         return model, None
-    if not version.isdigit() or not name:
+    if not (version.isascii() and version.isdigit()) or not name:  # "x@²": isdigit alone says yes
         raise InvalidRequest(
             f"model {model!r}: use NAME or NAME@VERSION with a numeric version", param="model"
         )

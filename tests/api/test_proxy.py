@@ -126,3 +126,34 @@ async def test_an_overlong_model_name_is_400_before_any_lookup(
     finally:
         event.remove(Engine, "before_cursor_execute", count)
     assert statements == []  # refused without a registry lookup
+
+
+async def test_malformed_keys_and_versions_cost_no_lookup(client: httpx.AsyncClient, tenant_key: str) -> None:
+    """Tokens that cannot be keys are refused before hashing or any query; a version that is not ASCII
+    digits (`x@²`: str.isdigit says yes, int() says no) is a 400, not a 500."""
+    assert (await chat(client, tenant_key)).status_code == 200  # warm: the real key is cached
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        for token in (
+            "x" * 5000,
+            "lgw-short",
+            "lgw-" + "." * 43,
+            tenant_key + "x",
+            "Bearer",
+            "lgw-" + "a" * 42 + "/",
+        ):
+            resp = await chat(client, token)
+            assert resp.status_code == 401, resp.text
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+        for model in ("support@²", "support@\u0661", "support@-1", "support@"):
+            resp = await chat(client, tenant_key, model=model)
+            assert resp.status_code == 400, (model, resp.text)
+            assert resp.json()["error"]["param"] == "model"
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    assert statements == []

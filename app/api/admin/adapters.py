@@ -68,7 +68,7 @@ async def upload_adapter(
 ) -> schemas.AdapterRead:
     limit = settings.MAX_ADAPTER_BYTES + _FORM_OVERHEAD
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"upload of {length} bytes exceeds the {limit} byte limit")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("send multipart/form-data with fields name and file", param="file")

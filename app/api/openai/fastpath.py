@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.openai.proxy import ClientGone, DataPath
 from app.errors import GatewayError, error_body
+from app.outages import OUTAGES
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,11 @@ async def proxy(request: Request, data_path: DataPath, route: str) -> Response:
     except GatewayError as exc:
         body = error_body(exc.message, exc.type, exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-    except Exception:  # outside FastAPI: the last place to keep the envelope
+    except Exception as exc:  # outside FastAPI: the last place to keep the envelope
+        answer = OUTAGES.answer(exc)  # Postgres or Redis down: a 503, logged once per outage
+        if answer is not None:
+            body = error_body(answer.message, answer.type, answer.param, answer.code)
+            return JSONResponse(body, status_code=answer.status_code, headers=answer.headers)
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 

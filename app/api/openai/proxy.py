@@ -66,6 +66,8 @@ class DataPath:
         token = security.bearer_token(request.headers.get("authorization"))
         if token is None:
             raise InvalidApiKey("missing API key: send Authorization: Bearer <key>")
+        if not security.looks_like_api_key(token):
+            raise InvalidApiKey("incorrect or revoked API key")  # the same answer as an unknown key
         tenant = await self.cache.tenant_for_key(security.hash_api_key(token))
         if tenant is None:
             raise InvalidApiKey("incorrect or revoked API key")
@@ -73,7 +75,12 @@ class DataPath:
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+        if (
+            length is not None
+            and length.isascii()
+            and length.isdigit()
+            and int(length) > self.max_request_bytes
+        ):
             raise PayloadTooLarge(f"request body exceeds {self.max_request_bytes} bytes")
         chunks, size = [], 0
         try:
