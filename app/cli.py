@@ -112,6 +112,7 @@ def serve(
         http="httptools",
         log_level="info",
         access_log=access_log,
+        timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_S) or None,
     )
 
 

@@ -21,6 +21,7 @@ from app.api.openai.fastpath import FastPath
 from app.api.openai.proxy import DataPath
 from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
+from app.lifecycle import Drain
 from app.registry.cache import RegistryCache
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
@@ -37,6 +38,7 @@ class State(TypedDict):
     sessionmaker: async_sessionmaker[AsyncSession]
     store: AdapterStore
     data_path: DataPath
+    drain: Drain
 
 
 def placement_policy(settings: Settings) -> PlacementPolicy:
@@ -101,6 +103,8 @@ def create_app(settings: Settings) -> FastPath:
             unhealthy_after=settings.UNHEALTHY_AFTER,
             pinned=cache.pinned.get,
         )
+        drain = Drain(settings.DRAIN_S)
+        drain.install()
         background = [asyncio.create_task(cache.run_usage_flusher()), asyncio.create_task(reconciler.run())]
         if settings.GC_FREEZE:
             # Everything built so far lives as long as the process: keep the collector from rescanning
@@ -115,6 +119,7 @@ def create_app(settings: Settings) -> FastPath:
                 "sessionmaker": sessionmaker,
                 "store": AdapterStore(settings.store_root),
                 "data_path": data_path,
+                "drain": drain,
             }
         finally:
             for task in background:

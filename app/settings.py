@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     UPSTREAM_CONNECT_TIMEOUT_S: float = Field(5.0, gt=0)
     UPSTREAM_READ_TIMEOUT_S: float = Field(600.0, gt=0)
 
+    # On SIGTERM: /readyz answers 503 at once, new requests are still served for DRAIN_S (while load
+    # balancers take the gateway out), then the server stops accepting and waits up to
+    # SHUTDOWN_GRACE_S for requests in flight (streams included) before it exits.
+    DRAIN_S: float = Field(5.0, ge=0, le=600)
+    SHUTDOWN_GRACE_S: float = Field(30.0, ge=0, le=3600)
     # Every database call (connect, statement, wait for a pooled connection) gives up after this long.
     DB_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
     # While the database does not answer, cached registry answers (keys, adapters, backends) are served

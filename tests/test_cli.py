@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
+                if httpx.get(f"{url}/healthz").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -56,6 +57,18 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def _wait_up(url: str, proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
+        time.sleep(0.2)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -88,19 +101,39 @@ def test_serve_prints_the_key_only_when_it_makes_it(gateway: tuple[str, dict[str
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert again.poll() is None and time.monotonic() < deadline, "second gateway did not start"
-            time.sleep(0.2)
+        _wait_up(f"http://127.0.0.1:{port}", again)
     finally:
         again.terminate()
         out, _ = again.communicate(timeout=15)
     assert "admin API key: in " in out and key not in out
+
+
+def test_sigterm_drains_before_the_server_stops(gateway: tuple[str, dict[str, str]]) -> None:
+    """SIGTERM: /readyz says draining at once while requests are still served for GATEWAY_DRAIN_S,
+    then the process exits on its own."""
+    _, env = gateway
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port)],
+        env={**env, "GATEWAY_DRAIN_S": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(url, proc)
+        assert "shutdown" not in httpx.get(f"{url}/readyz").json()["checks"]
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        time.sleep(0.3)
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["shutdown"] == "draining"
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # still serving requests
+        assert proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert time.monotonic() - t >= 1.9  # not before the drain period
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_admin_commands(gateway: tuple[str, dict[str, str]], tmp_path: Path) -> None:
