@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from contextvars import ContextVar
+from typing import Any
+
 
 class GatewayError(Exception):
     status_code: int = 500
@@ -51,7 +55,34 @@ class ServiceUnavailable(GatewayError):
     status_code, type, code = 503, "server_error", "service_unavailable"
 
 
+# The request being served (set by the outermost ASGI layer, app.api.openai.fastpath.FastPath): every
+# response carries it as x-request-id, every error message ends with it, and the gateway's log lines
+# written while serving it start with it, so support can find the line behind a tenant's error.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, object]:
+    rid = REQUEST_ID.get()
+    if rid is not None:
+        message = f"{message} (request id: {rid})"
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def log_request_ids() -> None:
+    """Prefix the gateway's own log lines written while serving a request with its id (once per
+    process; records of other libraries are left alone)."""
+    base = logging.getLogRecordFactory()
+    if getattr(base, "lgw_request_ids", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        rid = REQUEST_ID.get()
+        if rid is not None and record.name.startswith("app."):
+            record.msg = f"[{rid}] {record.msg}"
+        return record
+
+    factory.lgw_request_ids = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -21,6 +21,7 @@ from app.api.openai.fastpath import FastPath
 from app.api.openai.proxy import DataPath
 from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
+from app.errors import log_request_ids
 from app.lifecycle import Drain
 from app.registry.cache import RegistryCache
 from app.residency.memory import MemoryResidency
@@ -141,6 +142,7 @@ def create_app(settings: Settings) -> FastPath:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
+    log_request_ids()
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(admin.router)

@@ -157,3 +157,34 @@ async def test_malformed_keys_and_versions_cost_no_lookup(client: httpx.AsyncCli
     finally:
         event.remove(Engine, "before_cursor_execute", count)
     assert statements == []
+
+
+async def test_every_response_names_its_request(
+    client: httpx.AsyncClient, tenant_key: str, script: Script, caplog: pytest.LogCaptureFixture
+) -> None:
+    """x-request-id on every response (the client's when well-formed, else a new one), at the end of
+    every error message, and at the start of the gateway's log lines written for the request."""
+    auth = {"Authorization": f"Bearer {tenant_key}"}
+    ok = await client.post(
+        "/v1/chat/completions",
+        json={"model": "support", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers={**auth, "x-request-id": "client-trace.42"},
+    )
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "client-trace.42"
+    ids = set()
+    for headers in ({"x-request-id": "bad id with spaces"}, {"x-request-id": "x" * 500}, {}):
+        resp = await client.get("/v1/models", headers={**auth, **headers})
+        assert resp.status_code == 200
+        ids.add(resp.headers["x-request-id"])
+    assert len(ids) == 3 and all(len(i) == 24 for i in ids)  # replaced, one of ours each
+    assert (await client.get("/healthz")).headers["x-request-id"]
+    script.mode = "error_500"  # the backend fails: the gateway logs it
+    with caplog.at_level("INFO", logger="app"):
+        resp = await client.post(
+            "/v1/chat/completions",
+            json={"model": "support", "messages": [{"role": "user", "content": "hi"}]},
+            headers={**auth, "x-request-id": "trace-7"},
+        )
+    assert resp.status_code == 502 and resp.json()["error"]["message"].endswith("(request id: trace-7)")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("app.")]
+    assert lines and all(line.startswith("[trace-7] ") for line in lines), lines

@@ -19,7 +19,11 @@ def assert_envelope(resp: httpx.Response, status: int, code: str | None = None) 
     assert error["message"]
     if code is not None:
         assert error["code"] == code
-    return dict(error)
+    # Every error names its request, as the x-request-id header does; returned without that suffix.
+    rid = resp.headers["x-request-id"]
+    suffix = f" (request id: {rid})"
+    assert str(error["message"]).endswith(suffix), error["message"]
+    return {**error, "message": str(error["message"])[: -len(suffix)]}
 
 
 ADMIN_ROUTES = [

@@ -7,13 +7,15 @@ serve both ways."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.openai.proxy import ClientGone, DataPath
-from app.errors import GatewayError, error_body
+from app.errors import REQUEST_ID, GatewayError, error_body
 from app.outages import OUTAGES
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,38 @@ class FastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = HOT_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        data_path: DataPath = scope["state"]["data_path"]
-        response = await proxy(Request(scope, receive), data_path, route)
-        await response(scope, receive, send)
+        rid = _request_id(scope)
+        token = REQUEST_ID.set(rid)
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            route = HOT_ROUTES.get(scope.get("path", ""))
+            if route is None or scope["method"] != "POST":
+                await self.app(scope, receive, send_with_id)
+                return
+            data_path: DataPath = scope["state"]["data_path"]
+            response = await proxy(Request(scope, receive), data_path, route)
+            await response(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's x-request-id when it is well-formed (so its own logs and ours share it), else ours."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            if _CLIENT_ID.fullmatch(value):
+                return str(value.decode())
+            break
+    return os.urandom(12).hex()
