@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import posixpath
 import shutil
@@ -10,6 +11,7 @@ import stat
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +57,11 @@ class _Budget:
         self.left -= n
         if self.left < 0:
             raise PayloadTooLarge(f"adapter files exceed the {self.limit} byte limit")
+
+
+# An adapter is two files; an archive holding more than this many members is not one.
+MAX_ARCHIVE_MEMBERS = 64
+_TOO_MANY_MEMBERS = f"archive holds more than {MAX_ARCHIVE_MEMBERS} members; an adapter is two files"
 
 
 def _refuse_pickle(name: str) -> None:
@@ -159,9 +166,10 @@ class AdapterStore:
             return self._stage_zip(folder, fobj, budget)
         try:
             with tarfile.open(fileobj=fobj, mode="r:*") as tar:
-                members = tar.getmembers()
                 regular: dict[str, tarfile.TarInfo] = {}
-                for m in members:
+                for count, m in enumerate(tar, 1):  # read one header at a time: the cap comes first
+                    if count > MAX_ARCHIVE_MEMBERS:
+                        raise InvalidUpload(_TOO_MANY_MEMBERS, param="file")
                     path = _safe_member_path(m.name)
                     if m.issym() or m.islnk():
                         raise InvalidUpload(
@@ -178,7 +186,7 @@ class AdapterStore:
                     extracted = tar.extractfile(regular[src])
                     assert extracted is not None  # regular files always extract
                     digests[dst] = _copy(extracted, folder / dst, budget)
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             raise InvalidUpload(f"{name!r} is not a readable tar archive: {exc}", param="file") from exc
         return self._finish(folder, digests, budget)
 
@@ -186,6 +194,8 @@ class AdapterStore:
         try:
             with zipfile.ZipFile(fobj) as zf:
                 regular: dict[str, zipfile.ZipInfo] = {}
+                if len(zf.infolist()) > MAX_ARCHIVE_MEMBERS:
+                    raise InvalidUpload(_TOO_MANY_MEMBERS, param="file")
                 for info in zf.infolist():
                     path = _safe_member_path(info.filename)
                     if stat.S_ISLNK(info.external_attr >> 16):
@@ -202,8 +212,21 @@ class AdapterStore:
                     # The budget counts bytes actually inflated, so a zip bomb's false sizes do not matter.
                     with zf.open(regular[src]) as extracted:
                         digests[dst] = _copy(extracted, folder / dst, budget)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            EOFError,
+            OSError,
+            zlib.error,
+            lzma.LZMAError,
+        ) as exc:
             raise InvalidUpload(f"upload is not a readable zip archive: {exc}", param="file") from exc
+        except (RuntimeError, NotImplementedError) as exc:
+            # zipfile's words for an encrypted member and for a compression method it does not know.
+            raise InvalidUpload(
+                f"zip archive cannot be read: {exc} (use an unencrypted zip, stored or deflated)",
+                param="file",
+            ) from exc
         return self._finish(folder, digests, budget)
 
     @staticmethod

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 from safetensors import SafetensorError, safe_open
 
 from app.errors import InvalidRequest
@@ -25,6 +26,25 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32"}
 _MAX_CONFIG_BYTES = 1 << 20
 
 
+# Patterns come from the tenant's adapter_config.json (peft takes regexes there): each match gets a
+# time limit, so a crafted pattern (catastrophic backtracking) cannot pin a thread or the GIL.
+_REGEX_TIMEOUT_S = 0.05
+# More tensors than any real LoRA of a served model (an 80-layer model adapting 7 modules has 1,120).
+MAX_TENSORS = 8192
+
+
+def _bounded(pattern: str, text: str, what: str, *, full: bool) -> bool:
+    try:
+        match = (regex.fullmatch if full else regex.match)(pattern, text, timeout=_REGEX_TIMEOUT_S, concurrent=True)
+    except TimeoutError as exc:
+        raise InvalidAdapter(f"{what} pattern {pattern[:100]!r} takes too long to match", param=what) from exc
+    except regex.error as exc:
+        raise InvalidAdapter(
+            f"{what} pattern {pattern[:100]!r} is not a valid regex: {exc}", param=what
+        ) from exc
+    return match is not None
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int
@@ -38,7 +58,7 @@ class LoraConfig:
     def rank_for(self, module: str) -> int:
         # peft matches rank_pattern keys as regexes against the end of the module path.
         for pattern, rank in self.rank_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
+            if _bounded(rf"(.*\.)?({pattern})$", module, "rank_pattern", full=False):
                 return rank
         return self.rank
 
@@ -48,7 +68,7 @@ class LoraConfig:
 
     def targets(self, module: str) -> bool:
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module) is not None
+            return _bounded(self.target_modules, module, "target_modules", full=True)
         return any(module == t or module.endswith("." + t) for t in self.target_modules)
 
 
@@ -128,6 +148,11 @@ def read_tensor_shapes(path: Path) -> dict[str, tuple[str, list[int]]]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             shapes = {}
+            if len(f.keys()) > MAX_TENSORS:
+                raise InvalidAdapter(
+                    f"adapter_model.safetensors holds more than {MAX_TENSORS} tensors",
+                    param="adapter_model.safetensors",
+                )
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 sl = f.get_slice(name)
                 shapes[name] = (sl.get_dtype(), list(sl.get_shape()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -389,6 +390,68 @@ class TestUploadRefused:
         archive = zip_bytes(files)
         assert len(archive) < 64 * 1024
         assert_envelope(await upload(admin, {"a.zip": archive}), 413, "payload_too_large")
+        await assert_nothing_left()
+
+    @pytest.mark.parametrize(
+        ("targets", "rank_pattern", "folder", "param"),
+        [
+            (r".*(x+x+)+y", None, "x" * 3000, "target_modules"),  # catastrophic backtracking
+            ("(q_proj", None, "x", "adapter_config.json"),  # not a regex: refused as the config is read
+            (["q_proj"], {"(a|aa)+$": 4}, "a" * 3000 + "b", "rank_pattern"),
+        ],
+    )
+    async def test_hostile_config_patterns_are_400_in_bounded_time(
+        self,
+        admin: httpx.AsyncClient,
+        assert_nothing_left,  # type: ignore[no-untyped-def]
+        targets: object,
+        rank_pattern: dict[str, int] | None,
+        folder: str,
+        param: str,
+    ) -> None:
+        # Patterns are matched against the module paths the tensor names carry: make those long.
+        tensors = {
+            k.replace(".q_proj.", f".{folder}.q_proj."): v
+            for k, v in adapter_tensors(r=8, modules=["q_proj"]).items()
+        }
+        config = adapter_config(targets=targets)  # type: ignore[arg-type]
+        if rank_pattern is not None:
+            config["rank_pattern"] = rank_pattern
+        t = time.monotonic()
+        resp = await upload(admin, adapter_files(config=config, tensors=tensors))
+        assert time.monotonic() - t < 5
+        assert assert_envelope(resp, 400)["param"] == param, resp.text
+        await assert_nothing_left()
+
+    async def test_archives_that_are_not_adapters_are_400(
+        self, admin: httpx.AsyncClient, assert_nothing_left
+    ) -> None:  # type: ignore[no-untyped-def]
+        files = adapter_files()
+        crowded = zip_bytes(files | {f"extra-{i}.txt": b"x" for i in range(100)})
+        crowded_tar = tar_gz(files | {f"extra-{i}.txt": b"x" for i in range(100)})
+        plain = zip_bytes(files)
+        # Flag every member encrypted (general purpose bit 0) in the local and central headers.
+        encrypted = bytearray(plain)
+        for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = encrypted.find(sig)
+            while at != -1:
+                encrypted[at + offset] |= 1
+                at = encrypted.find(sig, at + 4)
+        # A compression method zipfile does not know (99 is AES's marker).
+        unknown = bytearray(plain)
+        for sig, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+            at = unknown.find(sig)
+            while at != -1:
+                unknown[at + offset : at + offset + 2] = (99).to_bytes(2, "little")
+                at = unknown.find(sig, at + 4)
+        for name, archive in (
+            ("a.zip", crowded),
+            ("a.tar.gz", crowded_tar),
+            ("a.zip", bytes(encrypted)),
+            ("a.zip", bytes(unknown)),
+        ):
+            resp = await upload(admin, {name: archive})
+            assert assert_envelope(resp, 400)["param"] == "file", resp.text
         await assert_nothing_left()
 
     @pytest.mark.parametrize("name", ["", "../x", "a b", "-lead", "x" * 129, "a/b"])
