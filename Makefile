@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
+# make run PORT=8090 VLLM_PORT=8011: the demo's gateway and vLLM ports
+PORT      ?= 8080
+VLLM_PORT ?= 8001
 
 .PHONY: run serve test lint venv services vllm clean
 
@@ -24,7 +27,7 @@ vllm:
 # Tiny model + two adapters (built offline), vLLM's CPU build, the gateway on SQLite, a demo tenant.
 run: venv vllm
 	$(BIN)/lora-gateway migrate
-	$(BIN)/lora-gateway demo
+	GATEWAY_PORT=$(PORT) $(BIN)/lora-gateway demo --vllm-port $(VLLM_PORT)
 
 # Just the gateway (no model backend): for pointing at vLLM servers of your own.
 serve: venv

