@@ -95,6 +95,8 @@ def create_app(settings: Settings) -> FastPath:
             else None,
             wait_timeout_s=settings.PLACEMENT_WAIT_S,
             patience_s=settings.PLACEMENT_PATIENCE_S,
+            max_waiters=settings.PLACEMENT_MAX_WAITERS,
+            tenant_share=settings.PLACEMENT_TENANT_SHARE,
         )
         data_path = DataPath(cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES)
         reconciler = Reconciler(

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     LEASE_TTL_S: float = Field(30.0, ge=1)
     # How long a request may wait for a slot or for someone else's load before it gets a 503.
     PLACEMENT_WAIT_S: float = Field(30.0, gt=0)
+    # Requests of one base model waiting at once in one gateway process (over it: 503 at once), and the
+    # share of those one tenant may hold (over it: 429 at once).
+    PLACEMENT_MAX_WAITERS: int = Field(1024, ge=1)
+    PLACEMENT_TENANT_SHARE: float = Field(0.5, gt=0, le=1)
     # After this long waiting for a free GPU slot, a request may go to a backend whose slots are all
     # active (one more adapter there). Off by default (= PLACEMENT_WAIT_S): under a backlog most requests
     # wait seconds, and overfilling them collapses throughput (bench/PLACEMENT.md).

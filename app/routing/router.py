@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from app.backends.vllm import BackendUnavailable, VllmClient
-from app.errors import ServiceUnavailable
+from app.errors import RateLimited, ServiceUnavailable
 from app.outages import OutageLog
 from app.registry.snapshots import AdapterView, BackendView
 from app.residency.state import BackendSlots, BackendState, Outcome, ResidencyStore
@@ -75,6 +75,8 @@ class Router:
         patience_s: float = 30.0,
         tick_s: float = 0.05,
         load_timeout_s: float | None = None,
+        max_waiters: int = 1024,
+        tenant_share: float = 0.5,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -85,6 +87,11 @@ class Router:
         self._local_store = local_store
         self.wait_timeout_s = wait_timeout_s
         self.patience_s = patience_s
+        # Requests of one pool waiting in this process at once, and the share of them one tenant may
+        # hold: beyond either, a request is answered at once (503 / 429) instead of holding its body
+        # and a connection for the whole wait.
+        self.max_waiters = max_waiters
+        self.tenant_waiters = max(1, int(max_waiters * tenant_share))
         # An unload + load ends within this, well inside the load lock's TTL: a lock that expired while
         # its load was still running would let a second gateway load the same adapter there.
         self.load_timeout_s = load_timeout_s if load_timeout_s is not None else 0.75 * store.lock_ttl_s
@@ -202,6 +209,7 @@ class Router:
         waiting = self._waiting.setdefault(pool, Counter())  # one per pool, kept: pools are few
         request = Request(name, str(adapter.tenant_id), pinned, tenant_cap, waiting=waiting)
         started = time.monotonic()
+        queued = False  # admitted to the pool's queue once; a later turn that came to nothing re-queues
         refused: set[str] = set()  # backends that refused this request's load: never asked twice
         now = True  # decide on a fresh snapshot now; else wait for the dispatcher's word
         while True:
@@ -218,9 +226,15 @@ class Router:
                 if decision.action is Action.LOAD and self._has_waiters(pool):
                     # Loads are scarce (one at a time per backend): older waiters get them first, in
                     # the dispatcher's oldest-first pass, not a request that just arrived.
-                    decision = await self._wait_turn(pool, request, slots, started, deadline, adapter.name)
+                    decision = await self._wait_turn(
+                        pool, request, slots, started, deadline, adapter.name, admit=not queued
+                    )
+                    queued = True
             else:
-                decision = await self._wait_turn(pool, request, slots, started, deadline, adapter.name)
+                decision = await self._wait_turn(
+                    pool, request, slots, started, deadline, adapter.name, admit=not queued
+                )
+                queued = True
             # Unless told otherwise below, someone else is loading it or every slot is busy: wait.
             now = False
             if decision.action is Action.USE and decision.backend is not None:
@@ -303,13 +317,18 @@ class Router:
         started: float,
         deadline: float,
         shown: str,
+        *,
+        admit: bool = True,
     ) -> Decision:
         """Queue the request for its pool's dispatcher until it hands out a USE or LOAD; 503 at the
-        deadline."""
+        deadline. A request joining the queue (`admit`) is refused at once when the pool's queue or its
+        tenant's share of it is full."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise self._waited_too_long(shown)
         q = self._queue(pool)
+        if admit:
+            self._admit(q, request)
         waiter = _Waiter(request, slots, started, asyncio.get_running_loop().create_future())
         # Oldest first by arrival: one whose turn came to nothing (its acquire or reservation lost a race)
         # goes back where it was, not to the end.
@@ -330,6 +349,19 @@ class Router:
             if not waiter.turn.done() or waiter.turn.cancelled():
                 self._uncount(pool, request.adapter)  # left without a turn (timeout, disconnect)
                 waiter.turn.cancel()
+
+    def _admit(self, q: _Queue, request: Request) -> None:
+        waiting = [w for w in q.waiters if not w.turn.done()]
+        if sum(1 for w in waiting if w.request.tenant == request.tenant) >= self.tenant_waiters:
+            raise RateLimited(
+                f"too many of your requests are waiting for this model ({self.tenant_waiters}); "
+                "retry shortly or send fewer at once",
+                headers={"Retry-After": "2"},
+            )
+        if len(waiting) >= self.max_waiters:
+            raise ServiceUnavailable(
+                "too many requests are waiting for this model; retry shortly", headers={"Retry-After": "2"}
+            )
 
     def _waited_too_long(self, shown: str) -> ServiceUnavailable:
         return ServiceUnavailable(

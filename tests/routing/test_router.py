@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.backends.vllm import VllmClient
-from app.errors import ServiceUnavailable
+from app.errors import RateLimited, ServiceUnavailable
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
@@ -476,3 +477,39 @@ async def test_a_long_request_keeps_its_lease_a_killed_gateways_expires() -> Non
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+
+
+async def test_the_waiting_queue_is_bounded_with_a_tenant_share() -> None:
+    """Four may wait per pool, two per tenant: a tenant's third waiter gets a 429 at once, the pool's
+    fifth a 503 at once, and those admitted still get their adapter. The waits come from a load slower
+    than on a GPU (1 s; injected: vLLM CPU loads a tiny adapter in milliseconds)."""
+    _, upstream, url = await _slow_loads(1.0)
+    backend = BackendView(uuid.uuid4(), "b", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+    client = VllmClient.create()
+    router = Router(
+        store=MemoryResidency(), policy=PackPolicy(), client=client, adapter_root="/a", max_waiters=4
+    )
+    a = adapter("a")
+    b = dataclasses.replace(a, id=uuid.uuid4(), tenant_id=uuid.uuid4(), name="b")
+    try:
+        loading = asyncio.create_task(router.route((backend,), a))  # a's load: its next requests wait
+        await asyncio.sleep(0.1)
+        waiting = [asyncio.create_task(router.route((backend,), a)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(RateLimited):
+            await router.route((backend,), a)  # tenant a holds its two places
+        # b's load must wait for the backend's load turn (one at a time): b queues too.
+        waiting += [asyncio.create_task(router.route((backend,), b)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(ServiceUnavailable) as full:
+            await router.route((backend,), dataclasses.replace(b, tenant_id=uuid.uuid4()))
+        assert "too many requests are waiting" in full.value.message
+        assert asyncio.get_running_loop().time() - t < 0.5  # both refused at once, not after a wait
+        leases = await asyncio.wait_for(asyncio.gather(loading, *waiting), 10)
+        assert sorted(lease.adapter or "" for lease in leases) == sorted(
+            [a.served_name] * 3 + [b.served_name] * 2
+        )
+    finally:
+        await client.session.close()
+        await upstream.aclose()
