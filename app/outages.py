@@ -91,6 +91,10 @@ class Outages:
             return RegistryUnavailable()
         return None
 
+    def recovered(self) -> None:
+        self.db.recovered()
+        self.redis.recovered()
+
 
 class OutageLog:
     """A warning when a dependency starts failing and at most one per `every_s` while it goes on, with

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import Adapter, AdapterState, ApiKey, Backend, BackendKind, BackendState, BaseModel, Tenant
-from app.outages import OutageLog, RegistryUnavailable, db_unreachable
+from app.outages import OUTAGES, RegistryUnavailable, db_unreachable
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView, TenantView
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Breaker:
     def __init__(self, cooldown_s: float = 2.0) -> None:
         self.cooldown_s = cooldown_s
         self._open_until = 0.0
-        self.outage = OutageLog("the database")
+        self.outage = OUTAGES.db  # the process's one log of database outages
 
     @property
     def open(self) -> bool:
@@ -95,27 +95,27 @@ class _Loader(Generic[K, V]):
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[2]
-        stale = hit is not None and now - hit[1] <= self._ttl + self._max_stale_s
+        if hit is None or now - hit[1] > self._ttl + self._max_stale_s:
+            if self._breaker.open:
+                raise RegistryUnavailable()
+            return await asyncio.shield(self._reloading(key))
+        stale = hit[2]  # past its TTL, within its staleness bound: the answer while the database is out
         if self._breaker.open:
-            if stale:
-                return hit[2]  # type: ignore[index]
-            raise RegistryUnavailable()
+            return stale
+        task = self._reloading(key)
+        done, _ = await asyncio.wait({task}, timeout=self._stale_grace_s)
+        if not done or isinstance(task.exception(), RegistryUnavailable):
+            return stale
+        return task.result()  # the fresh answer, or the load's own error
+
+    def _reloading(self, key: K) -> asyncio.Task[V]:
+        """The one reload of `key` under way, started if none is."""
         task = self._pending.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._reload(key))
             task.add_done_callback(_retrieved)  # a reload nobody waited for must not log "never retrieved"
             self._pending[key] = task
-        if not stale:
-            return await asyncio.shield(task)
-        done, _ = await asyncio.wait({task}, timeout=self._stale_grace_s)
-        if not done:
-            return hit[2]  # type: ignore[index]
-        exc = task.exception()
-        if exc is None:
-            return task.result()
-        if isinstance(exc, RegistryUnavailable):
-            return hit[2]  # type: ignore[index]
-        raise exc
+        return task
 
     async def _reload(self, key: K) -> V:
         try:

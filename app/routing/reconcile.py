@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.backends.vllm import BackendUnavailable
 from app.db.models import Backend, BackendKind, BackendState
-from app.outages import OutageLog, db_unreachable, redis_unreachable
+from app.outages import OUTAGES
 from app.registry.cache import backend_view
 from app.registry.snapshots import BackendView
 from app.residency.state import BackendSlots
@@ -45,7 +45,6 @@ class Reconciler:
         self.unhealthy_after = unhealthy_after
         self._failures: dict[str, int] = {}
         self._poked: dict[str, asyncio.Task[None]] = {}
-        self._outage = OutageLog("reconciliation's database or redis")
         router.on_trouble = self.poke
 
     async def backends(self) -> list[BackendView]:
@@ -60,12 +59,10 @@ class Reconciler:
             try:
                 await asyncio.gather(*(self.reconcile(b) for b in await self.backends()))
             except Exception as exc:
-                if db_unreachable(exc) or redis_unreachable(exc):
-                    self._outage.failed(exc)  # the request path reports it too: one line per outage
-                else:
+                if OUTAGES.answer(exc) is None:  # an outage is logged there, once for the process
                     log.exception("reconciliation round failed")
             else:
-                self._outage.recovered()
+                OUTAGES.recovered()
             await asyncio.sleep(self.interval_s)
 
     async def reconcile(self, backend: BackendView) -> None:

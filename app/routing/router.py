@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from app.backends.vllm import BackendUnavailable, VllmClient
 from app.errors import RateLimited, ServiceUnavailable
-from app.outages import OutageLog
+from app.outages import OUTAGES
 from app.registry.snapshots import AdapterView, BackendView
 from app.residency.state import BackendSlots, BackendState, Outcome, ResidencyStore
 from app.routing.policy import Action, Decision, PlacementPolicy, Request
@@ -117,7 +117,7 @@ class Router:
         self._others: dict[str, Counter[str]] = {}  # pool -> what the other processes wait for
         self._read_at: dict[str, float] = {}  # pool -> when the others' counts were last read
         self.idle_tick_s = 0.25
-        self.store_outage = OutageLog("the residency store")  # one log line per outage, not per tick
+        self.store_outage = OUTAGES.redis  # one log line per outage, not per tick (shared by the process)
         self.waiting_ttl_s = 2.0
         # Called when a backend misbehaves (404 for a loaded adapter, refused connection): the
         # reconciler sets it, to check that backend at once rather than at its next round.

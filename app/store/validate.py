@@ -35,7 +35,9 @@ MAX_TENSORS = 8192
 
 def _bounded(pattern: str, text: str, what: str, *, full: bool) -> bool:
     try:
-        match = (regex.fullmatch if full else regex.match)(pattern, text, timeout=_REGEX_TIMEOUT_S, concurrent=True)
+        match = (regex.fullmatch if full else regex.match)(
+            pattern, text, timeout=_REGEX_TIMEOUT_S, concurrent=True
+        )
     except TimeoutError as exc:
         raise InvalidAdapter(f"{what} pattern {pattern[:100]!r} takes too long to match", param=what) from exc
     except regex.error as exc:

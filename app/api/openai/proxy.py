@@ -128,7 +128,7 @@ class DataPath:
         except (RedisError, TimeoutError) as exc:
             watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
-            # Fail closed, at once; one log line per outage (the handlers' OutageLog), not per request.
+            # Fail closed, at once; one log line per outage (the process's OUTAGES.redis), not per request.
             self.store_outage.failed(exc)
             raise StateUnavailable() from exc
         except BaseException:

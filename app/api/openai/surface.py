@@ -35,9 +35,8 @@ _VLLM_EXTRAS = frozenset({
     "spaces_between_special_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
     "prompt_logprobs", "return_tokens_as_token_ids", "structured_outputs", "guided_json",
     "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
+    "cache_salt",  # taken, and always overwritten with the tenant's own (below)
 })  # fmt: skip
-# Taken, and always overwritten with the tenant's own (below).
-_VLLM_EXTRAS |= {"cache_salt"}
 _VLLM_CHAT = frozenset({"echo", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
 _VLLM_COMPLETIONS = frozenset({"add_special_tokens", "response_format"})
 
