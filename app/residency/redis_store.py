@@ -2,11 +2,16 @@
 atomic on the server and costs one round trip; time comes from the server (TIME), so replicas with
 skewed clocks agree on last use and expiry.
 
-Keys of a pool share the hash tag {pool}: lgw:{pool}:reg:<backend> (zset adapter -> last use ms),
-:ten:<backend> (hash adapter -> tenant), :load:<backend> (zset adapter -> expiry ms) and
-:tok:<backend> (hash adapter -> fencing token) for loads under way, :evict:<backend> (zset adapter ->
-expiry ms), :lease:<backend>:<adapter> (zset lease -> expiry ms) and :act:<backend> (set of adapters
-that may have leases), :fence (counter)."""
+Every script declares every key it touches (KEYS, never a name built inside the script), so the
+scripts are correct under Redis Cluster and under ACLs that restrict key patterns. The layout is fixed
+per pool and backend, which is what makes that possible. Keys of a pool share the hash tag {pool}:
+lgw:{pool}:fence (counter), :waiters (zset replica -> expiry ms) and :wait (hash 'replica adapter' ->
+waiting requests) for the pool; and per backend lgw:{pool}:reg:<backend> (zset adapter -> last use ms),
+:ten:<backend> (hash adapter -> tenant), :load:<backend> (zset adapter -> expiry ms) and :tok:<backend>
+(hash adapter -> fencing token) for loads under way, :evict:<backend> (zset adapter -> expiry ms),
+:gone:<backend> (zset adapter -> expiry ms: unloaded, so a listing taken before must not bring it
+back), :lease:<backend> (zset 'adapter lease' -> expiry ms) and :inf:<backend> (hash adapter -> live
+leases, kept equal to the lease zset's count by every script)."""
 
 from __future__ import annotations
 
@@ -27,45 +32,98 @@ log = logging.getLogger(__name__)
 
 _RENEW_CHUNK = 1000  # leases per renewal call: one script run stays short for every other client
 
+# The keys of one backend, in the order the scripts read them from KEYS.
+_KINDS = ("reg", "ten", "load", "tok", "evict", "gone", "lease", "inf")
+
+
+@functools.lru_cache(maxsize=256)
+def _keys(prefix: str, backends: tuple[str, ...]) -> tuple[str, ...]:
+    """KEYS for a script run on `backends` of the pool whose key prefix is `prefix`: the pool's own
+    three, then eight per backend."""
+    pool = (f"{prefix}fence", f"{prefix}waiters", f"{prefix}wait")
+    return pool + tuple(f"{prefix}{kind}:{b}" for b in dict.fromkeys(backends) for kind in _KINDS)
+
+
 _COMMON = """
-local P = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local FENCE, WAITERS, WAIT = KEYS[1], KEYS[2], KEYS[3]
+local P = string.sub(FENCE, 1, #FENCE - 5)  -- the pool's prefix ('<P>fence')
+local K = {}
+for i = 4, #KEYS, 8 do
+  K[string.sub(KEYS[i], #P + 5)] = {  -- '<P>reg:<backend>'
+    reg = KEYS[i], ten = KEYS[i + 1], load = KEYS[i + 2], tok = KEYS[i + 3],
+    evict = KEYS[i + 4], gone = KEYS[i + 5], lease = KEYS[i + 6], inf = KEYS[i + 7],
+  }
+end
+-- The declared keys of backend b; a backend the caller did not declare is a bug, never a new key.
+local function k(b)
+  local kb = K[b]
+  if not kb then error('undeclared backend ' .. tostring(b)) end
+  return kb
+end
+
+-- Both lease keys live as long as their longest lease (and vanish with the last one).
+local function extend(kb, ms)
+  for _, key in ipairs({kb.lease, kb.inf}) do
+    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  end
+end
+
+-- Drops backend b's expired leases (once per run: `now` does not move within one).
+local pruned = {}
+local function prune_leases(b)
+  if pruned[b] then return end
+  pruned[b] = true
+  local kb = k(b)
+  local dead = redis.call('ZRANGEBYSCORE', kb.lease, '-inf', now)
+  if #dead == 0 then return end
+  redis.call('ZREMRANGEBYSCORE', kb.lease, '-inf', now)
+  for _, m in ipairs(dead) do
+    local a = string.match(m, '^(%S+) ')
+    if redis.call('HINCRBY', kb.inf, a, -1) <= 0 then redis.call('HDEL', kb.inf, a) end
+  end
+end
 
 -- Adapters with requests in flight, and those requests, on backend b.
 local function usage(b)
-  local act = P .. 'act:' .. b
+  prune_leases(b)
+  local flat = redis.call('HGETALL', k(b).inf)
   local n, requests = 0, 0
-  for _, a in ipairs(redis.call('SMEMBERS', act)) do
-    local lease = P .. 'lease:' .. b .. ':' .. a
-    redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
-    local k = redis.call('ZCARD', lease)
-    if k > 0 then n = n + 1; requests = requests + k else redis.call('SREM', act, a) end
-  end
+  for j = 2, #flat, 2 do n = n + 1; requests = requests + tonumber(flat[j]) end
   return n, requests
 end
 
 local function inflight(b, a)
-  local lease = P .. 'lease:' .. b .. ':' .. a
-  redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
-  return redis.call('ZCARD', lease)
+  prune_leases(b)
+  return tonumber(redis.call('HGET', k(b).inf, a) or 0)
 end
 
 local function prune_busy(b)
-  local load = P .. 'load:' .. b
-  for _, a in ipairs(redis.call('ZRANGEBYSCORE', load, '-inf', now)) do
-    redis.call('ZREM', load, a)
-    redis.call('HDEL', P .. 'tok:' .. b, a)
-    if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
+  local kb = k(b)
+  for _, a in ipairs(redis.call('ZRANGEBYSCORE', kb.load, '-inf', now)) do
+    redis.call('ZREM', kb.load, a)
+    redis.call('HDEL', kb.tok, a)
+    if not redis.call('ZSCORE', kb.reg, a) then redis.call('HDEL', kb.ten, a) end
   end
-  redis.call('ZREMRANGEBYSCORE', P .. 'evict:' .. b, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', kb.evict, '-inf', now)
 end
 
 local function take_lease(b, a, lease, lease_ms)
-  redis.call('ZADD', P .. 'reg:' .. b, now, a)
-  redis.call('ZADD', P .. 'lease:' .. b .. ':' .. a, now + lease_ms, lease)
-  redis.call('PEXPIRE', P .. 'lease:' .. b .. ':' .. a, lease_ms)
-  redis.call('SADD', P .. 'act:' .. b, a)
+  local kb = k(b)
+  prune_leases(b)
+  redis.call('ZADD', kb.reg, now, a)
+  if redis.call('ZADD', kb.lease, now + lease_ms, a .. ' ' .. lease) == 1 then
+    redis.call('HINCRBY', kb.inf, a, 1)
+  end
+  extend(kb, lease_ms)
+end
+
+local function drop_lease(b, a, lease)
+  local kb = k(b)
+  if redis.call('ZREM', kb.lease, a .. ' ' .. lease) == 1 then
+    if redis.call('HINCRBY', kb.inf, a, -1) <= 0 then redis.call('HDEL', kb.inf, a) end
+  end
 end
 """
 
@@ -90,10 +148,10 @@ local function touch(f)
   local best, best_key = nil, nil
   for i = 4, #f, 4 do
     local b, slots, seats, target = f[i], tonumber(f[i + 1]), tonumber(f[i + 2]), tonumber(f[i + 3])
-    if redis.call('ZSCORE', P .. 'reg:' .. b, a) then
+    if redis.call('ZSCORE', k(b).reg, a) then
       local mine = inflight(b, a)
       local active, requests = usage(b)
-      local taken = active + redis.call('ZCOUNT', P .. 'load:' .. b, now, '+inf')
+      local taken = active + redis.call('ZCOUNT', k(b).load, now, '+inf')
       local limit = slots
       if target > 0 and target < slots then limit = target end
       if (seats == 0 or requests < seats) and (mine > 0 or taken < limit) then
@@ -108,12 +166,6 @@ local function touch(f)
   return best
 end
 
-local function release(b, a, lease)
-  redis.call('ZREM', P .. 'lease:' .. b .. ':' .. a, lease)
-  if inflight(b, a) == 0 then redis.call('SREM', P .. 'act:' .. b, a) end
-  return 1
-end
-
 local out = {}
 for i = 2, #ARGV do
   local f = {}
@@ -121,7 +173,8 @@ for i = 2, #ARGV do
   if f[1] == 'T' then
     out[#out + 1] = touch(f)
   else
-    out[#out + 1] = release(f[2], f[3], f[4])
+    drop_lease(f[2], f[3], f[4])
+    out[#out + 1] = 1
   end
 end
 return out
@@ -133,7 +186,7 @@ _ACQUIRE = (
     _COMMON
     + """
 local b, a = ARGV[1], ARGV[2]
-if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then return 0 end
+if not redis.call('ZSCORE', k(b).reg, a) then return 0 end
 take_lease(b, a, ARGV[3], tonumber(ARGV[4]))
 return 1
 """
@@ -148,10 +201,12 @@ local lease_ms, n = tonumber(ARGV[1]), 0
 for i = 2, #ARGV do
   local b, a, lease = string.match(ARGV[i], '^(%S+) (%S+) (%S+)$')
   if b then
-    local key = P .. 'lease:' .. b .. ':' .. a
-    if redis.call('ZSCORE', key, lease) then
-      redis.call('ZADD', key, now + lease_ms, lease)
-      redis.call('PEXPIRE', key, lease_ms)
+    local kb = k(b)
+    prune_leases(b)
+    local member = a .. ' ' .. lease
+    if redis.call('ZSCORE', kb.lease, member) then
+      redis.call('ZADD', kb.lease, now + lease_ms, member)
+      extend(kb, lease_ms)
       n = n + 1
     end
   end
@@ -167,18 +222,15 @@ _SNAPSHOT = (
 local out = {}
 for i = 1, #ARGV do
   local b = ARGV[i]
+  local kb = k(b)
   prune_busy(b)
-  usage(b)  -- drops expired leases
-  local infl = {}
-  for _, a in ipairs(redis.call('SMEMBERS', P .. 'act:' .. b)) do
-    table.insert(infl, a); table.insert(infl, tostring(redis.call('ZCARD', P .. 'lease:' .. b .. ':' .. a)))
-  end
+  prune_leases(b)
   table.insert(out, {
-    redis.call('ZRANGE', P .. 'reg:' .. b, 0, -1, 'WITHSCORES'),
-    redis.call('HGETALL', P .. 'ten:' .. b),
-    redis.call('ZRANGE', P .. 'load:' .. b, 0, -1),
-    redis.call('ZRANGE', P .. 'evict:' .. b, 0, -1),
-    infl,
+    redis.call('ZRANGE', kb.reg, 0, -1, 'WITHSCORES'),
+    redis.call('HGETALL', kb.ten),
+    redis.call('ZRANGE', kb.load, 0, -1),
+    redis.call('ZRANGE', kb.evict, 0, -1),
+    redis.call('HGETALL', kb.inf),
   })
 end
 return out
@@ -192,17 +244,18 @@ _RESERVE = (
     + """
 local b, a, tenant, victim = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local capacity, cap, lock_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local reg, ten, load = P .. 'reg:' .. b, P .. 'ten:' .. b, P .. 'load:' .. b
+local kb = k(b)
+local reg, ten, load = kb.reg, kb.ten, kb.load
 prune_busy(b)
 if redis.call('ZSCORE', reg, a) then return {'live', 0} end
 -- Its own load, or another one on this backend (one at a time: vLLM decodes nothing while it loads).
-if redis.call('ZCARD', load) > 0 or redis.call('ZSCORE', P .. 'evict:' .. b, a) then return {'busy', 0} end
+if redis.call('ZCARD', load) > 0 or redis.call('ZSCORE', kb.evict, a) then return {'busy', 0} end
 local pool_cap = tonumber(ARGV[8])
 if pool_cap >= 0 then
   local n = 0
   for i = 9, #ARGV do
     prune_busy(ARGV[i])
-    n = n + redis.call('ZCARD', P .. 'load:' .. ARGV[i])
+    n = n + redis.call('ZCARD', k(ARGV[i]).load)
   end
   if n >= pool_cap then return {'busy', 0} end
 end
@@ -224,11 +277,11 @@ end
 if victim ~= '' then
   redis.call('ZREM', reg, victim)
   redis.call('HDEL', ten, victim)
-  redis.call('ZADD', P .. 'evict:' .. b, now + lock_ms, victim)
+  redis.call('ZADD', kb.evict, now + lock_ms, victim)
 end
-local token = redis.call('INCR', P .. 'fence')
+local token = redis.call('INCR', FENCE)
 redis.call('ZADD', load, now + lock_ms, a)
-redis.call('HSET', P .. 'tok:' .. b, a, token)
+redis.call('HSET', kb.tok, a, token)
 redis.call('HSET', ten, a, tenant)
 return {'ok', token}
 """
@@ -239,10 +292,11 @@ _COMMIT = (
     _COMMON
     + """
 local b, a = ARGV[1], ARGV[2]
+local kb = k(b)
 prune_busy(b)
-if redis.call('HGET', P .. 'tok:' .. b, a) ~= ARGV[3] then return 0 end
-redis.call('ZREM', P .. 'load:' .. b, a)
-redis.call('HDEL', P .. 'tok:' .. b, a)
+if redis.call('HGET', kb.tok, a) ~= ARGV[3] then return 0 end
+redis.call('ZREM', kb.load, a)
+redis.call('HDEL', kb.tok, a)
 take_lease(b, a, ARGV[4], tonumber(ARGV[5]))
 return 1
 """
@@ -253,10 +307,11 @@ _ABORT = (
     _COMMON
     + """
 local b, a = ARGV[1], ARGV[2]
-if redis.call('HGET', P .. 'tok:' .. b, a) == ARGV[3] then
-  redis.call('ZREM', P .. 'load:' .. b, a)
-  redis.call('HDEL', P .. 'tok:' .. b, a)
-  if not redis.call('ZSCORE', P .. 'reg:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
+local kb = k(b)
+if redis.call('HGET', kb.tok, a) == ARGV[3] then
+  redis.call('ZREM', kb.load, a)
+  redis.call('HDEL', kb.tok, a)
+  if not redis.call('ZSCORE', kb.reg, a) then redis.call('HDEL', kb.ten, a) end
 end
 return 1
 """
@@ -267,9 +322,10 @@ _FORGET = (
     _COMMON
     + """
 local b, a = ARGV[1], ARGV[2]
-redis.call('ZREM', P .. 'reg:' .. b, a)
-if not redis.call('ZSCORE', P .. 'load:' .. b, a) then redis.call('HDEL', P .. 'ten:' .. b, a) end
-redis.call('ZADD', P .. 'gone:' .. b, now + tonumber(ARGV[3]), a)
+local kb = k(b)
+redis.call('ZREM', kb.reg, a)
+if not redis.call('ZSCORE', kb.load, a) then redis.call('HDEL', kb.ten, a) end
+redis.call('ZADD', kb.gone, now + tonumber(ARGV[3]), a)
 return 1
 """
 )
@@ -279,7 +335,8 @@ _TRIM = (
     _COMMON
     + """
 local b, capacity, lock_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local reg, load = P .. 'reg:' .. b, P .. 'load:' .. b
+local kb = k(b)
+local reg, load = kb.reg, kb.load
 prune_busy(b)
 local excess = redis.call('ZCARD', reg) + redis.call('ZCARD', load) - capacity
 local out = {}
@@ -290,8 +347,8 @@ for _, a in ipairs(redis.call('ZRANGE', reg, 0, -1)) do
   if #out >= excess then break end
   if not pinned[a] and inflight(b, a) == 0 and not redis.call('ZSCORE', load, a) then
     redis.call('ZREM', reg, a)
-    redis.call('HDEL', P .. 'ten:' .. b, a)
-    redis.call('ZADD', P .. 'evict:' .. b, now + lock_ms, a)
+    redis.call('HDEL', kb.ten, a)
+    redis.call('ZADD', kb.evict, now + lock_ms, a)
     table.insert(out, a)
   end
 end
@@ -299,26 +356,38 @@ return out
 """
 )
 
-# ARGV: replica, ttl_ms, then adapter, count pairs. Returns the sums over live replicas as pairs.
+# ARGV: replica, ttl_ms, then adapter, count pairs. Replaces this replica's counts; returns the sums
+# over live replicas as pairs. A replica that stops reporting drops out after its ttl.
 _WAITING = (
     _COMMON
     + """
 local replica, ttl = ARGV[1], tonumber(ARGV[2])
-local reps, mine = P .. 'waiters', P .. 'wait:' .. replica
-redis.call('DEL', mine)
 if #ARGV > 2 then
-  for i = 3, #ARGV, 2 do redis.call('HSET', mine, ARGV[i], ARGV[i + 1]) end
-  redis.call('PEXPIRE', mine, ttl)
-  redis.call('ZADD', reps, now + ttl, replica)
+  redis.call('ZADD', WAITERS, now + ttl, replica)
 else
-  redis.call('ZREM', reps, replica)
+  redis.call('ZREM', WAITERS, replica)
 end
-for _, r in ipairs(redis.call('ZRANGEBYSCORE', reps, '-inf', now)) do redis.call('DEL', P .. 'wait:' .. r) end
-redis.call('ZREMRANGEBYSCORE', reps, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', WAITERS, '-inf', now)
+local live = {}
+for _, r in ipairs(redis.call('ZRANGE', WAITERS, 0, -1)) do live[r] = true end
 local sums, out = {}, {}
-for _, r in ipairs(redis.call('ZRANGE', reps, 0, -1)) do
-  local flat = redis.call('HGETALL', P .. 'wait:' .. r)
-  for j = 1, #flat, 2 do sums[flat[j]] = (sums[flat[j]] or 0) + tonumber(flat[j + 1]) end
+local flat = redis.call('HGETALL', WAIT)
+for j = 1, #flat, 2 do
+  local r, a = string.match(flat[j], '^(%S+) (%S+)$')
+  if r == replica or not live[r] then
+    redis.call('HDEL', WAIT, flat[j])
+  else
+    sums[a] = (sums[a] or 0) + tonumber(flat[j + 1])
+  end
+end
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', WAIT, replica .. ' ' .. ARGV[i], ARGV[i + 1])
+  sums[ARGV[i]] = (sums[ARGV[i]] or 0) + tonumber(ARGV[i + 1])
+end
+if #ARGV > 2 then
+  for _, key in ipairs({WAITERS, WAIT}) do
+    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  end
 end
 for a, n in pairs(sums) do table.insert(out, a); table.insert(out, n) end
 return out
@@ -330,8 +399,9 @@ _EVICTED = (
     _COMMON
     + """
 local b, a = ARGV[1], ARGV[2]
-redis.call('ZREM', P .. 'evict:' .. b, a)
-redis.call('ZADD', P .. 'gone:' .. b, now + tonumber(ARGV[3]), a)
+local kb = k(b)
+redis.call('ZREM', kb.evict, a)
+redis.call('ZADD', kb.gone, now + tonumber(ARGV[3]), a)
 return 1
 """
 )
@@ -342,8 +412,9 @@ _RECONCILE = (
     _COMMON
     + """
 local b = ARGV[1]
+local kb = k(b)
 prune_busy(b)
-local reg, load, evict, gone = P .. 'reg:' .. b, P .. 'load:' .. b, P .. 'evict:' .. b, P .. 'gone:' .. b
+local reg, load, evict, gone = kb.reg, kb.load, kb.evict, kb.gone
 redis.call('ZREMRANGEBYSCORE', gone, '-inf', now)
 local n_known = tonumber(ARGV[2])
 local known, actual = {}, {}
@@ -353,7 +424,7 @@ local function busy(a) return redis.call('ZSCORE', load, a) or redis.call('ZSCOR
 local added, removed = {}, {}
 for _, a in ipairs(redis.call('ZRANGE', reg, 0, -1)) do
   if not actual[a] and known[a] and not busy(a) then
-    redis.call('ZREM', reg, a); redis.call('HDEL', P .. 'ten:' .. b, a); table.insert(removed, a)
+    redis.call('ZREM', reg, a); redis.call('HDEL', kb.ten, a); table.insert(removed, a)
   end
 end
 for a, _ in pairs(actual) do
@@ -383,17 +454,21 @@ class _HotBatch:
     whose caller was cancelled meanwhile still happens on the server: the lease it took is released in
     the next batch."""
 
-    def __init__(self, script: AsyncScript, key: str, lease_ms: int) -> None:
-        self.script, self.key, self.lease_ms = script, key, lease_ms
+    def __init__(self, script: AsyncScript, prefix: str, lease_ms: int) -> None:
+        self.script, self.prefix, self.lease_ms = script, prefix, lease_ms
         self.ops: list[str] = []
+        self.backends: dict[str, None] = {}  # the backends the queued operations name, for KEYS
         self.waiters: list[asyncio.Future[Any] | None] = []
         self.running = False
 
-    def submit(self, op: str, *, wait: bool = True) -> asyncio.Future[Any] | None:
-        """Queues an operation; `wait=False` for one nobody waits for (a release at the end of a response)."""
+    def submit(self, op: str, backends: Sequence[str], *, wait: bool = True) -> asyncio.Future[Any] | None:
+        """Queues an operation on `backends`; `wait=False` for one nobody waits for (a release at the end
+        of a response)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future() if wait else None
         self.ops.append(op)
+        for b in backends:
+            self.backends[b] = None
         self.waiters.append(fut)
         if not self.running:
             self.running = True
@@ -408,10 +483,11 @@ class _HotBatch:
         waiters: list[asyncio.Future[Any] | None] = []
         try:
             while self.waiters:
-                ops, waiters = self.ops, self.waiters
-                self.ops, self.waiters = [], []
+                ops, waiters, backends = self.ops, self.waiters, tuple(self.backends)
+                self.ops, self.waiters, self.backends = [], [], {}
                 try:
-                    results = await self.script(keys=[self.key], args=[self.lease_ms, *ops])
+                    keys = _keys(self.prefix, backends)
+                    results = await self.script(keys=keys, args=[self.lease_ms, *ops])
                 except (RedisError, OSError) as exc:  # every caller in the batch gets it (a 503 upstream)
                     if None in waiters:
                         log.warning("residency releases failed (%s); their leases expire", type(exc).__name__)
@@ -421,7 +497,7 @@ class _HotBatch:
         except BaseException:
             # The drain itself died (a bug, shutdown): nobody may wait for an answer forever.
             _fail(waiters + self.waiters, RedisError("residency batch stopped"))
-            self.ops, self.waiters = [], []
+            self.ops, self.waiters, self.backends = [], [], {}
             raise
         finally:
             self.running = False
@@ -434,13 +510,17 @@ class _HotBatch:
                 w.set_result(r)
             elif r and op.startswith("T "):  # the caller left: give back the lease taken for it
                 _, adapter, lease = op.split(" ", 3)[:3]
-                self.submit(f"R {_s(r)} {adapter} {lease}", wait=False)
+                self.submit(f"R {_s(r)} {adapter} {lease}", (_s(r),), wait=False)
 
 
 @functools.lru_cache(maxsize=64)
-def _encode_backends(backends: tuple[BackendSlots, ...]) -> str:
-    """A touch's backend part; the same few backend lists come back on every request."""
-    return "".join(f" {b.id} {b.slots} {b.seats or 0} {b.target or 0}" for b in backends)
+def _encode_backends(backends: tuple[BackendSlots, ...]) -> tuple[str, tuple[str, ...]]:
+    """A touch's backend part and the backends' ids; the same few backend lists come back on every
+    request."""
+    return (
+        "".join(f" {b.id} {b.slots} {b.seats or 0} {b.target or 0}" for b in backends),
+        tuple(b.id for b in backends),
+    )
 
 
 def _fail(waiters: list[asyncio.Future[Any] | None], exc: BaseException) -> None:
@@ -482,6 +562,10 @@ class RedisResidency:
     def _key(self, pool: str) -> str:
         return f"{self.prefix}:{{{pool}}}:"
 
+    def _on(self, pool: str, *backends: str) -> tuple[str, ...]:
+        """KEYS for a script run on these backends of `pool`."""
+        return _keys(self._key(pool), backends)
+
     def _batch(self, pool: str) -> _HotBatch:
         batch = self._batches.get(pool)
         if batch is None:
@@ -491,7 +575,8 @@ class RedisResidency:
     async def touch(
         self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
     ) -> str | None:
-        fut = self._batch(pool).submit(f"T {adapter} {lease}{_encode_backends(tuple(backends))}")
+        encoded, ids = _encode_backends(tuple(backends))
+        fut = self._batch(pool).submit(f"T {adapter} {lease}{encoded}", ids)
         assert fut is not None
         return _s(await fut) or None
 
@@ -499,25 +584,28 @@ class RedisResidency:
         # Idempotent (it only pushes expiries forward), so a retried call does no harm.
         n = 0
         for i in range(0, len(leases), _RENEW_CHUNK):
-            chunk = [f"{b} {a} {lease}" for b, a, lease in leases[i : i + _RENEW_CHUNK]]
-            n += int(await self._renew(keys=[self._key(pool)], args=[self.lease_ms, *chunk]))
+            part = leases[i : i + _RENEW_CHUNK]
+            keys = _keys(self._key(pool), tuple(b for b, _, _ in part))
+            chunk = [f"{b} {a} {lease}" for b, a, lease in part]
+            n += int(await self._renew(keys=keys, args=[self.lease_ms, *chunk]))
         return n
 
     async def acquire(self, pool: str, backend: str, adapter: str, lease: str) -> bool:
         return bool(
-            await self._acquire(keys=[self._key(pool)], args=[backend, adapter, lease, self.lease_ms])
+            await self._acquire(keys=self._on(pool, backend), args=[backend, adapter, lease, self.lease_ms])
         )
 
     async def release(self, pool: str, backend: str, adapter: str, lease: str) -> None:
-        fut = self._batch(pool).submit(f"R {backend} {adapter} {lease}")
+        fut = self._batch(pool).submit(f"R {backend} {adapter} {lease}", (backend,))
         assert fut is not None
         await asyncio.shield(fut)
 
     def release_nowait(self, pool: str, backend: str, adapter: str, lease: str) -> None:
-        self._batch(pool).submit(f"R {backend} {adapter} {lease}", wait=False)
+        self._batch(pool).submit(f"R {backend} {adapter} {lease}", (backend,), wait=False)
 
     async def snapshot(self, pool: str, backends: Sequence[BackendSlots]) -> list[BackendState]:
-        raw = await self._snapshot(keys=[self._key(pool)], args=[b.id for b in backends])
+        ids = [b.id for b in backends]
+        raw = await self._snapshot(keys=self._on(pool, *ids), args=ids)
         out = []
         for slots, (reg, ten, loading, evicting, infl) in zip(backends, raw, strict=True):
             out.append(
@@ -549,7 +637,7 @@ class RedisResidency:
     ) -> Reservation:
         others = [x for x in pool_backends if x != backend.id] if pool_loads is not None else []
         outcome, token = await self._reserve(
-            keys=[self._key(pool)],
+            keys=self._on(pool, backend.id, *others),
             args=[
                 backend.id, adapter, tenant, victim or "", backend.capacity,
                 -1 if tenant_cap is None else tenant_cap, self.lock_ms,
@@ -560,26 +648,26 @@ class RedisResidency:
 
     async def commit(self, pool: str, backend: str, adapter: str, token: int, lease: str) -> bool:
         args: list[str | int] = [backend, adapter, token, lease, self.lease_ms]
-        return bool(await self._commit(keys=[self._key(pool)], args=args))
+        return bool(await self._commit(keys=self._on(pool, backend), args=args))
 
     async def abort(self, pool: str, backend: str, adapter: str, token: int) -> None:
-        await self._abort(keys=[self._key(pool)], args=[backend, adapter, token])
+        await self._abort(keys=self._on(pool, backend), args=[backend, adapter, token])
 
     async def trim(self, pool: str, backend: BackendSlots, pinned: frozenset[str]) -> list[str]:
         args: list[str | int] = [backend.id, backend.capacity, self.lock_ms, *sorted(pinned)]
-        return [_s(a) for a in await self._trim(keys=[self._key(pool)], args=args)]
+        return [_s(a) for a in await self._trim(keys=self._on(pool, backend.id), args=args)]
 
     async def evicted(self, pool: str, backend: str, adapter: str) -> None:
-        await self._evicted(keys=[self._key(pool)], args=[backend, adapter, self.gone_ms])
+        await self._evicted(keys=self._on(pool, backend), args=[backend, adapter, self.gone_ms])
 
     async def forget(self, pool: str, backend: str, adapter: str) -> None:
-        await self._forget(keys=[self._key(pool)], args=[backend, adapter, self.gone_ms])
+        await self._forget(keys=self._on(pool, backend), args=[backend, adapter, self.gone_ms])
 
     async def reconcile(
         self, pool: str, backend: str, actual: set[str], known_before: set[str]
     ) -> tuple[set[str], set[str]]:
         args: list[str | int] = [backend, len(known_before), *sorted(known_before), *sorted(actual)]
-        added, removed = await self._reconcile(keys=[self._key(pool)], args=args)
+        added, removed = await self._reconcile(keys=self._on(pool, backend), args=args)
         return {_s(a) for a in added}, {_s(a) for a in removed}
 
     async def waiting(
@@ -589,12 +677,8 @@ class RedisResidency:
         for a, n in counts.items():
             if n > 0:
                 args += [a, n]
-        flat = await self._waiting(keys=[self._key(pool)], args=args)
+        flat = await self._waiting(keys=self._on(pool), args=args)
         return {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def drop_backend(self, pool: str, backend: str) -> None:
-        p = self._key(pool)
-        keys = [f"{p}{kind}:{backend}" for kind in ("reg", "ten", "load", "tok", "evict", "act", "gone")]
-        async for key in self.redis.scan_iter(match=f"{p}lease:{backend}:*"):
-            keys.append(key)
-        await self.redis.delete(*keys)
+        await self.redis.delete(*_keys(self._key(pool), (backend,))[3:])
