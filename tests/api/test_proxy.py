@@ -51,6 +51,18 @@ async def test_backend_dying_mid_stream_ends_with_an_error_event(
     assert b"Hel" in evs[0]  # what was produced before the failure was passed on
 
 
+async def test_a_partial_event_after_a_broken_stream_is_dropped(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    script.mode = "die_mid_event"
+    resp = await chat(client, tenant_key, stream=True)
+    evs = events(resp)
+    assert evs[-1] == b"data: [DONE]"  # nothing after it
+    assert orjson.loads(evs[-2][6:])["error"]["type"] == "server_error"
+    assert not any(b"partial" in e for e in evs)
+    assert all(orjson.loads(e[6:]) for e in evs[:-1])  # every event sent is whole
+
+
 async def test_upstream_500_is_502_without_internals(
     client: httpx.AsyncClient, tenant_key: str, script: Script
 ) -> None:

@@ -449,7 +449,7 @@ class SseProxy(Response):
                 )
                 tail = b"data: " + orjson.dumps(err) + b"\n\n" + _DONE
                 await send({"type": "http.response.body", "body": tail, "more_body": True})
-            if buffer.strip():
+            if clean and buffer.strip():  # after a break it is a partial event: dropped
                 await send(
                     {"type": "http.response.body", "body": self._events(buffer + b"\n\n"), "more_body": True}
                 )
