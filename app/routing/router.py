@@ -213,26 +213,26 @@ class Router:
         refused: set[str] = set()  # backends that refused this request's load: never asked twice
         now = True  # decide on a fresh snapshot now; else wait for the dispatcher's word
         while True:
+            # A backend that refused this request's load is out of its choice from then on, the
+            # dispatcher's included: handed a turn there again, it would spin until its deadline.
+            candidates = [s for s in slots if s.id not in refused]
+            if not candidates:
+                # Every backend refused the connection: a 503 now, not a spin (one attempt each).
+                raise BackendUnavailable("no backend for this model is reachable; retry", never_reached=True)
             if now:
                 if time.monotonic() > deadline:
                     raise self._waited_too_long(adapter.name)
-                usable = [s for s in self._healthy(slots) if s.id not in refused]
-                if not usable:
-                    # Every backend refused the connection: a 503 now, not a spin (one attempt each).
-                    raise BackendUnavailable(
-                        "no backend for this model is reachable; retry", never_reached=True
-                    )
-                decision = await self._decide(pool, request, usable, started)
+                decision = await self._decide(pool, request, self._healthy(candidates), started)
                 if decision.action is Action.LOAD and self._has_waiters(pool):
                     # Loads are scarce (one at a time per backend): older waiters get them first, in
                     # the dispatcher's oldest-first pass, not a request that just arrived.
                     decision = await self._wait_turn(
-                        pool, request, slots, started, deadline, adapter.name, admit=not queued
+                        pool, request, candidates, started, deadline, adapter.name, admit=not queued
                     )
                     queued = True
             else:
                 decision = await self._wait_turn(
-                    pool, request, slots, started, deadline, adapter.name, admit=not queued
+                    pool, request, candidates, started, deadline, adapter.name, admit=not queued
                 )
                 queued = True
             # Unless told otherwise below, someone else is loading it or every slot is busy: wait.

@@ -338,6 +338,35 @@ async def test_every_backend_refusing_gives_a_503_at_once_not_a_spin() -> None:
         await client.session.close()
 
 
+async def test_a_backend_that_refused_a_load_is_not_handed_out_again_while_waiting() -> None:
+    """Both backends refuse connections and are known to be down; one (b1) is full with another
+    gateway's request in flight. The load on b0 is refused, so the request waits for b1; its turns must never send it back to b0, which
+    spun reserve -> refused -> wait -> b0 again until the deadline (thousands of Redis calls a second in
+    the rolling-restart drill)."""
+    fleet = tuple(
+        BackendView(uuid.uuid4(), f"down{i}", f"http://127.0.0.1:{_closed_port()}", MODEL.id, 1, capacity=1)
+        for i in range(2)
+    )
+    store = ReserveCountingStore()
+    busy = adapter("busy")
+    b1 = BackendSlots(str(fleet[1].id), 1, 1)
+    r = await store.reserve(POOL, b1, busy.served_name, str(busy.tenant_id), victim=None, tenant_cap=None)
+    assert await store.commit(POOL, b1.id, busy.served_name, r.token, "another-gateways-request")
+    store.reserves = 0
+    client = VllmClient.create()
+    router = Router(
+        store=store, policy=PackPolicy(), client=client, adapter_root="/a", wait_timeout_s=1, patience_s=60
+    )
+    try:
+        for b in fleet:
+            await router.mark_down(b)
+        with pytest.raises(ServiceUnavailable):
+            await asyncio.wait_for(router.route(fleet, adapter("cold")), 5)
+        assert store.reserves == 1, store.reserves  # b0 once; b1 never had room
+    finally:
+        await client.session.close()
+
+
 async def test_marking_a_backend_down_keeps_the_fleets_state_of_it() -> None:
     """One process's failed connection proves nothing about what the backend holds, nor about other
     gateways' requests there: mark_down is a local flag, the store's state of the backend stays."""
