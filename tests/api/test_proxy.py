@@ -51,6 +51,19 @@ async def test_backend_dying_mid_stream_ends_with_an_error_event(
     assert b"Hel" in evs[0]  # what was produced before the failure was passed on
 
 
+async def test_a_backends_error_event_is_told_in_our_words(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    script.mode = "error_event"
+    resp = await chat(client, tenant_key, stream=True)
+    evs = events(resp)
+    error = orjson.loads(evs[-2][6:])["error"]
+    assert error["type"] == "server_error" and error["code"] == "backend_error"
+    assert error["message"].endswith(f"(request id: {resp.headers['x-request-id']})")
+    assert b"EngineCore" not in resp.content and b"/opt/vllm" not in resp.content
+    assert evs[-1] == b"data: [DONE]"
+
+
 async def test_a_partial_event_after_a_broken_stream_is_dropped(
     client: httpx.AsyncClient, tenant_key: str, script: Script
 ) -> None:

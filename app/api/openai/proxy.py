@@ -378,6 +378,22 @@ def _usage_from_body(data: bytes) -> dict[str, Any] | None:
 _DONE = b"data: [DONE]\n\n"
 
 
+def _own_error(event: bytes) -> bytes:
+    """vLLM's error event (its engine failed mid-stream) told in our words: its message can name
+    internals and reaches the operator's log instead."""
+    try:
+        obj = orjson.loads(event[6:])
+    except orjson.JSONDecodeError:
+        return event
+    if not isinstance(obj, dict) or not isinstance(obj.get("error"), dict):
+        return event
+    log.warning("backend error while streaming: %s", str(obj["error"].get("message"))[:300])
+    err = error_body(
+        "the model backend failed while generating; retry", "server_error", None, "backend_error"
+    )
+    return b"data: " + orjson.dumps(err)
+
+
 class SseProxy(Response):
     """Passes SSE events through as they arrive: the tenant's model name put back, the usage chunk
     captured (and dropped if the client did not ask for it), a backend failure ended with an error event."""
@@ -402,13 +418,15 @@ class SseProxy(Response):
     def _events(self, block: bytes) -> bytes:
         """Rewrites a run of complete events."""
         block = self.rewrite(block)
-        if b'"usage":{' not in block:
+        if b'"usage":{' not in block and b'"error":' not in block:
             return block
         out = []
         for event in block.split(b"\n\n"):
             if not event:
                 continue
-            if b'"usage":{' in event and event.startswith(b"data: {"):
+            if b'"error":' in event and event.startswith(b"data: {"):
+                event = _own_error(event)
+            elif b'"usage":{' in event and event.startswith(b"data: {"):
                 try:
                     obj = orjson.loads(event[6:])
                 except orjson.JSONDecodeError:
