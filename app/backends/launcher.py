@@ -217,6 +217,27 @@ class VllmCpuServer:
                 time.sleep(0.1)
             signal_group(pgid, signal.SIGKILL)
             process.wait()
+        self._close_log()
+
+    def terminate(self) -> None:
+        """SIGTERM to the API server alone, as Kubernetes stops a pod's main process: vLLM ends what is
+        in flight and stops its engine itself. Whatever is left after stop_timeout_s is killed."""
+        process = self._process
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=self.config.stop_timeout_s)
+        self.stop()  # the rest of the group, if any
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once, as a crash or an out-of-memory kill would. Idempotent."""
+        process, self._process = self._process, None
+        if process is not None:
+            signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -197,3 +197,13 @@ def direct(vllm: VllmCpuServer, tiny) -> dict[str, str]:  # type: ignore[no-unty
             assert resp.status_code == 200, resp.text
             refs[key] = name
     return refs
+
+
+@pytest.fixture(scope="package")
+def fleet(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Two vLLM CPU backends behind two gateway processes on Redis and Postgres (tests/integration/
+    fleet.py), shared by the residency tests and the rollout drill that follows them."""
+    from tests.integration.fleet import running_fleet
+
+    with running_fleet(tmp_path_factory.mktemp("fleet")) as stack:
+        yield stack
