@@ -7,7 +7,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -19,6 +19,7 @@ from app.api import admin, health, openai
 from app.api.errors import install_error_handlers
 from app.api.openai.fastpath import FastPath
 from app.api.openai.proxy import DataPath
+from app.api.openai.spec import SECURITY_SCHEMES, document_errors
 from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
 from app.errors import log_request_ids
@@ -144,11 +145,25 @@ def create_app(settings: Settings) -> FastPath:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
+    _document_keys(app)
     log_request_ids()
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
     return FastPath(app)
+
+
+def _document_keys(app: FastAPI) -> None:
+    """The tenant key's bearer scheme, which the routes' documents refer to."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = document_errors(build())
+            schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_factory() -> FastPath:

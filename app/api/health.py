@@ -29,7 +29,7 @@ async def _database(request: Request) -> tuple[str, list[str]]:
         return "ok", [str(r) for r in rows]
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready: the failing checks are named"}})
 async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     backends: list[str] = []

@@ -20,6 +20,10 @@ from pydantic import (
 from app.db.models import AdapterState, BackendKind, BackendState
 
 # Names appear in URLs and as OpenAI `model` ids: keep them boring.
+# Upper bounds on counts and sizes: far above any real fleet, and inside a 32-bit database integer
+# (an unbounded one reached the database and failed there, a 500).
+_MAX_COUNT = 100_000
+_MAX_DIM = 1 << 20
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")]
 AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")]
 ModelName = Annotated[
@@ -35,13 +39,15 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Slug
     display_name: str | None = Field(None, max_length=200)
-    max_adapters_per_backend: int | None = Field(None, ge=1, description="Cap on one backend's adapters")
+    max_adapters_per_backend: int | None = Field(
+        None, ge=1, le=_MAX_COUNT, description="Cap on one backend's adapters"
+    )
 
 
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     display_name: str | None = Field(None, max_length=200)
-    max_adapters_per_backend: int | None = Field(None, ge=1)
+    max_adapters_per_backend: int | None = Field(None, ge=1, le=_MAX_COUNT)
 
 
 class TenantRead(_Read):
@@ -78,10 +84,13 @@ class BaseModelCreate(BaseModel):
     architecture: str | None = Field(None, max_length=100)
     public: bool = Field(True, description="Tenants may call the base model itself")
     # Optional when `path` is a local folder with config.json: then they are read from it.
-    hidden_size: int | None = Field(None, ge=1)
-    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1, le=_MAX_DIM)
+    num_layers: int | None = Field(None, ge=1, le=_MAX_COUNT)
     module_shapes: (
-        dict[str, Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]] | None
+        dict[
+            str, Annotated[list[Annotated[int, Field(ge=1, le=_MAX_DIM)]], Field(min_length=2, max_length=2)]
+        ]
+        | None
     ) = None
 
 
@@ -115,8 +124,10 @@ class BackendCreate(BaseModel):
     base_model: str = Field(description="Name of a registered base model")
     gpu_slots: int = Field(ge=1, le=1024, description="vLLM --max-loras")
     max_lora_rank: int = Field(16, ge=1, le=1024, description="vLLM --max-lora-rank")
-    capacity: int | None = Field(None, ge=1, description="Adapters registered at once; default = gpu_slots")
-    max_num_seqs: int | None = Field(None, ge=1, description=_MAX_NUM_SEQS)
+    capacity: int | None = Field(
+        None, ge=1, le=_MAX_COUNT, description="Adapters registered at once; default = gpu_slots"
+    )
+    max_num_seqs: int | None = Field(None, ge=1, le=_MAX_COUNT, description=_MAX_NUM_SEQS)
     kind: BackendKind = BackendKind.SHARED
     api_key: SecretStr | None = Field(None, min_length=1, max_length=500, description=_API_KEY)
 
@@ -132,8 +143,10 @@ class BackendUpdate(BaseModel):
     state: BackendState | None = None
     gpu_slots: int | None = Field(None, ge=1, le=1024)
     max_lora_rank: int | None = Field(None, ge=1, le=1024)
-    capacity: int | None = Field(None, ge=1)
-    max_num_seqs: int | None = Field(None, ge=1, description=_MAX_NUM_SEQS + "; null clears it")
+    capacity: int | None = Field(None, ge=1, le=_MAX_COUNT)
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=_MAX_COUNT, description=_MAX_NUM_SEQS + "; null clears it"
+    )
     api_key: SecretStr | None = Field(
         None, max_length=500, description=_API_KEY + "; an empty string clears it"
     )

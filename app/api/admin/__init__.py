@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app.api.admin import adapters, backends, base_models, tenants
+from app.api.openai.spec import document_errors
 from app.deps import AdminDep, AdminWriteDep
 
 MODULES = (tenants, base_models, backends, adapters)
@@ -21,7 +22,7 @@ def _spec() -> dict[str, Any]:
     listed = FastAPI(title="LoRA Gateway admin API", version="0.1.0")
     for module in MODULES:
         listed.include_router(module.router, prefix="/admin/v1")
-    return listed.openapi()
+    return document_errors(listed.openapi())
 
 
 @router.get("/openapi.json")

@@ -3,6 +3,7 @@ GET /v1/models/{model}: one of them, as OpenAI's `models.retrieve` expects."""
 
 from fastapi import APIRouter, Request
 
+from app.api.openai import spec
 from app.api.openai.proxy import DataPath
 from app.registry.snapshots import AdapterView, BaseModelView, TenantView
 from app.routing.resolve import resolve
@@ -32,7 +33,7 @@ def _base(b: BaseModelView, shown: str | None = None) -> dict[str, object]:
     }
 
 
-@router.get("/models")
+@router.get("/models", openapi_extra=spec.TENANT_KEY, responses=spec.errors(401, 503))
 async def list_models(request: Request) -> dict[str, object]:
     data_path: DataPath = request.state.data_path
     tenant = await data_path.authenticate(request)
@@ -42,7 +43,7 @@ async def list_models(request: Request) -> dict[str, object]:
     return {"object": "list", "data": data}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", openapi_extra=spec.TENANT_KEY, responses=spec.errors(400, 401, 404, 503))
 async def retrieve_model(model: str, request: Request) -> dict[str, object]:
     """The name as a request's `model` would take it (NAME or NAME@VERSION of the tenant's adapter, or
     a public base model); 404 in the same words whether it is unknown or another tenant's."""
