@@ -22,11 +22,23 @@ from app.db.base import Base
 from app.db.session import create_engine
 from app.main import create_app
 from app.settings import Settings
+from tests import leakscan
 
 PG_ADMIN_URL = os.environ.get(
     "GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+
+leakscan.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_internals_in_answers() -> Iterator[None]:
+    """Every test: no error answer the gateway gave a tenant named a backend, a served name or a path
+    (tests/leakscan.py). An answer read after the test ended counts for the next one."""
+    yield
+    found, leakscan.SCAN.found[:] = list(leakscan.SCAN.found), []
+    assert not found, "internals in answers to tenants:\n" + "\n".join(found)
 
 
 async def _pg_admin(sql: str) -> None:
