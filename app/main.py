@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> FastPath:
             patience_s=settings.PLACEMENT_PATIENCE_S,
             max_waiters=settings.PLACEMENT_MAX_WAITERS,
             tenant_share=settings.PLACEMENT_TENANT_SHARE,
+            redis_outage=settings.REDIS_OUTAGE,
         )
         data_path = DataPath(cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES)
         reconciler = Reconciler(

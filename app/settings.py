@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # closed), and the first calls after it returns succeed (no restart).
     REDIS_TIMEOUT_S: float = Field(1.0, gt=0, le=30)
     REDIS_PREFIX: str = "lgw"
+    # While Redis does not answer: "closed" (503 for every adapter request) or "warm" (adapters this
+    # process recently placed keep going to those backends; no loads or evictions until it is back).
+    REDIS_OUTAGE: str = Field("closed", pattern="^(closed|warm)$")
     PLACEMENT_POLICY: str = Field("pack", pattern="^(pack|lru|affinity|round-robin|random)$")
     # Most adapter loads under way at once per base model, across all its backends (0: no cap; each
     # backend still loads one at a time, since vLLM decodes nothing while it loads). Set 1 when the

@@ -12,10 +12,12 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from redis.exceptions import RedisError
 
 from app.backends.vllm import BackendUnavailable, VllmClient
 from app.errors import RateLimited, ServiceUnavailable
@@ -27,6 +29,9 @@ from app.store.files import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
+_KNOWN_MAX = 10_000  # (pool, adapter) pairs remembered for GATEWAY_REDIS_OUTAGE=warm
+_KNOWN_BACKENDS = 4  # backends remembered per pair
+
 
 @dataclass(slots=True)
 class Lease:
@@ -37,6 +42,7 @@ class Lease:
     adapter: str | None  # served name; None for a base-model request (nothing to hold)
     id: str
     released: bool = False
+    local: bool = False  # placed from this process's memory while Redis was down: nothing to release there
 
 
 @dataclass(slots=True, eq=False)
@@ -77,6 +83,7 @@ class Router:
         load_timeout_s: float | None = None,
         max_waiters: int = 1024,
         tenant_share: float = 0.5,
+        redis_outage: str = "closed",
     ) -> None:
         self.store = store
         self.policy = policy
@@ -128,6 +135,14 @@ class Router:
         self._held: dict[str, Lease] = {}
         self.heartbeat_s = store.lease_ttl_s / 3
         self._heartbeat: asyncio.Task[None] | None = None
+        # GATEWAY_REDIS_OUTAGE: "closed" (503 while the shared store is down) or "warm": adapters this
+        # process recently placed keep going to the backends it placed them on, without the store (no
+        # loads, no evictions, no fleet-wide counts meanwhile); anything else gets the 503. Bounded:
+        # the most recently used (pool, adapter) pairs, a few backends each.
+        if redis_outage not in ("closed", "warm"):
+            raise ValueError(f"redis_outage must be 'closed' or 'warm', not {redis_outage!r}")
+        self.redis_outage = redis_outage
+        self._known: OrderedDict[tuple[str, str], dict[str, None]] = OrderedDict()
 
     def adapter_path(self, adapter: AdapterView) -> str:
         return str(self._adapter_root / adapter.storage_path)
@@ -182,16 +197,34 @@ class Router:
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
         pool, name = str(adapter.base_model.id), adapter.served_name
         by_id, slots = self._fleet(backends)
-        if self.store.shared:
-            self._watch(pool)
-        # The hot path, while nothing waits: with waiters the policy must see them (draining).
-        if self.policy.prefers_live and not self._waiting.get(pool) and not self._others.get(pool):
-            got = await self.store.touch(pool, name, lease_id, slots)
-            if got is not None:
-                return self._hold(Lease(pool, by_id[got], name, lease_id))
-        return await self._place(
-            pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids, deadline
-        )
+        try:
+            if self.store.shared:
+                self._watch(pool)
+            # The hot path, while nothing waits: with waiters the policy must see them (draining).
+            if self.policy.prefers_live and not self._waiting.get(pool) and not self._others.get(pool):
+                got = await self.store.touch(pool, name, lease_id, slots)
+                if got is not None:
+                    return self._hold(Lease(pool, by_id[got], name, lease_id))
+            return await self._place(
+                pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids, deadline
+            )
+        except (RedisError, TimeoutError):
+            lease = self._warm(pool, by_id, name, lease_id) if self.redis_outage == "warm" else None
+            if lease is None:
+                raise
+            return lease
+
+    def _warm(self, pool: str, by_id: dict[str, BackendView], name: str, lease_id: str) -> Lease | None:
+        """The shared store is down: a backend this process last placed the adapter on, if any."""
+        known = self._known.get((pool, name))
+        if not known:
+            return None
+        usable = [b for b in known if b in by_id and b not in self.unhealthy] or [
+            b for b in known if b in by_id
+        ]
+        if not usable:
+            return None
+        return Lease(pool, by_id[usable[next(self._rr) % len(usable)]], name, lease_id, local=True)
 
     async def _place(
         self,
@@ -572,6 +605,18 @@ class Router:
 
     def _hold(self, lease: Lease) -> Lease:
         self._held[lease.id] = lease
+        if self.redis_outage == "warm" and lease.adapter is not None:
+            key = (lease.pool, lease.adapter)
+            where = self._known.get(key)
+            if where is None:
+                where = self._known[key] = {}
+                if len(self._known) > _KNOWN_MAX:
+                    self._known.popitem(last=False)
+            else:
+                self._known.move_to_end(key)
+            where[str(lease.backend.id)] = None
+            if len(where) > _KNOWN_BACKENDS:
+                del where[next(iter(where))]
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._renew_forever())
         return lease
@@ -597,6 +642,8 @@ class Router:
         if lease.released or lease.adapter is None:
             return
         lease.released = True
+        if lease.local:
+            return
         self._held.pop(lease.id, None)
         await self.store.release(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
         self._kick(lease.pool)
@@ -606,6 +653,8 @@ class Router:
         if lease.released or lease.adapter is None:
             return
         lease.released = True
+        if lease.local:
+            return
         self._held.pop(lease.id, None)
         self.store.release_nowait(lease.pool, str(lease.backend.id), lease.adapter, lease.id)
         self._kick(lease.pool)
@@ -615,6 +664,11 @@ class Router:
         if lease.adapter is None:
             return
         await self.release(lease)
+        known = self._known.get((lease.pool, lease.adapter))
+        if known is not None:
+            known.pop(str(lease.backend.id), None)
+        if lease.local:
+            return  # the store is down: the reconciler repairs it once it answers
         await self.store.forget(lease.pool, str(lease.backend.id), lease.adapter)
         if self.on_trouble is not None:
             self.on_trouble(lease.backend)

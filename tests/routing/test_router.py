@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.backends.vllm import VllmClient
 from app.errors import RateLimited, ServiceUnavailable
+from app.main import redis_client
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
@@ -21,6 +23,7 @@ from app.residency.state import BackendSlots, Outcome
 from app.routing.policy import LruPolicy, PackPolicy
 from app.routing.router import Router
 from tests.fixtures.faulty_upstream import Script, serve
+from tests.fixtures.services import PrivateRedis
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = BaseModelView(uuid.uuid4(), "m", (), True)
@@ -542,3 +545,40 @@ async def test_the_waiting_queue_is_bounded_with_a_tenant_share() -> None:
     finally:
         await client.session.close()
         await upstream.aclose()
+
+
+async def test_redis_down_warm_mode_keeps_placed_adapters_on_their_backend() -> None:
+    """GATEWAY_REDIS_OUTAGE=warm: with Redis stopped (a server of the test's own), an adapter this
+    process placed keeps going to that backend (its lease has nothing to give back there); one it never
+    placed fails as in the closed mode, which fails for both. Redis back: the store places again."""
+    private = PrivateRedis()
+    private.start()
+    redis = redis_client(private.url, 1.0)
+    store = RedisResidency(redis, prefix="lgw-warm")
+    client = VllmClient.create()
+    warm = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a", redis_outage="warm")
+    closed = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a")
+    hot, cold = adapter("hot"), adapter("cold")
+    await register(store, hot)
+    try:
+        for router in (warm, closed):
+            await router.release(await router.route((BACKEND,), hot))
+        private.stop()
+        lease = await warm.route((BACKEND,), hot)
+        assert lease.local and lease.backend is BACKEND
+        await warm.release(lease)  # nothing to give back: no Redis call
+        with pytest.raises(RedisError):
+            await warm.route((BACKEND,), cold)  # never placed by this process: the 503 upstream
+        with pytest.raises(RedisError):
+            await closed.route((BACKEND,), hot)
+        private.start()  # back, and empty (no persistence)
+        await register(store, hot)
+        lease = await warm.route((BACKEND,), hot)
+        assert not lease.local
+        await warm.release(lease)
+    finally:
+        await warm.close()
+        await closed.close()
+        await client.session.close()
+        await redis.aclose()
+        private.stop()
