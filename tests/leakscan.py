@@ -47,6 +47,11 @@ class Scan:
             value = body.get(field)
             if isinstance(value, str) and len(value) >= 4:
                 self.secrets.add(value.encode())
+                if field == "url":  # also as a client library names it: host, or host:port
+                    url = httpx.URL(value)
+                    self.secrets.add(url.host.encode())
+                    if url.port:
+                        self.secrets.add(f"{url.host}:{url.port}".encode())
 
     def check(self, request: httpx.Request, text: bytes, what: str) -> None:
         hits = [m.group(0) for p in _PATTERNS for m in p.finditer(text)]
@@ -162,7 +167,30 @@ def install() -> None:
 
         cls.handle_async_request = handle_async_request
 
+    _requests()
     sync(httpx.HTTPTransport)
     asynchronous(httpx.AsyncHTTPTransport)
     asynchronous(httpx.ASGITransport)
     httpx.HTTPTransport._lgw_leakscan = True  # type: ignore[attr-defined]
+
+
+def _requests() -> None:
+    """schemathesis sends its requests with `requests`: its answers are read the same way."""
+    import requests.adapters
+
+    original = requests.adapters.HTTPAdapter.send
+
+    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        response = original(self, request, *args, **kwargs)
+        if "x-request-id" in response.headers and not request.path_url.startswith("/admin/"):
+            body = request.body.encode() if isinstance(request.body, str) else (request.body or b"")
+            as_httpx = httpx.Request(request.method, request.url, content=body)
+            if response.status_code >= 400:
+                SCAN.check(as_httpx, response.content[:_MAX_BODY], "error body")
+            elif response.headers.get("content-type", "").startswith("text/event-stream"):
+                for event in response.content.split(b"\n\n"):
+                    if b'"error"' in event:
+                        SCAN.check(as_httpx, event, "error event")
+        return response
+
+    requests.adapters.HTTPAdapter.send = send  # type: ignore[method-assign]

@@ -64,6 +64,16 @@ async def test_a_backends_error_event_is_told_in_our_words(
     assert evs[-1] == b"data: [DONE]"
 
 
+async def test_an_error_event_then_a_break_gives_one_error_and_one_done(
+    client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    script.mode = "error_then_die"
+    resp = await chat(client, tenant_key, stream=True)
+    evs = events(resp)
+    assert evs[-1] == b"data: [DONE]" and evs.count(b"data: [DONE]") == 1
+    assert sum(1 for e in evs if b'"error"' in e) == 1, evs
+
+
 async def test_a_partial_event_after_a_broken_stream_is_dropped(
     client: httpx.AsyncClient, tenant_key: str, script: Script
 ) -> None:
@@ -72,7 +82,7 @@ async def test_a_partial_event_after_a_broken_stream_is_dropped(
     evs = events(resp)
     assert evs[-1] == b"data: [DONE]"  # nothing after it
     assert orjson.loads(evs[-2][6:])["error"]["type"] == "server_error"
-    assert not any(b"partial" in e for e in evs)
+    assert not any(b'"ob' in e and not e.endswith(b"}") for e in evs)  # the cut event's start
     assert all(orjson.loads(e[6:]) for e in evs[:-1])  # every event sent is whole
 
 

@@ -414,6 +414,7 @@ class SseProxy(Response):
         self.status_code = 200
         self.background = None
         self.raw_headers = [*_headers(b"text/event-stream", headers), (b"cache-control", b"no-cache")]
+        self.errored = False  # an error event was passed on: a break after it adds no second one
 
     def _events(self, block: bytes) -> bytes:
         """Rewrites a run of complete events."""
@@ -426,6 +427,7 @@ class SseProxy(Response):
                 continue
             if b'"error":' in event and event.startswith(b"data: {"):
                 event = _own_error(event)
+                self.errored = True
             elif b'"usage":{' in event and event.startswith(b"data: {"):
                 try:
                     obj = orjson.loads(event[6:])
@@ -444,7 +446,7 @@ class SseProxy(Response):
         if self.watch.gone:
             self.upstream.close()
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        clean = False
+        clean = ended = False
         try:
             buffer = b""
             try:
@@ -456,17 +458,22 @@ class SseProxy(Response):
                     block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
                     out = self._events(block)
                     if out:
+                        ended = ended or _DONE in out
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 clean = True
             except (TimeoutError, aiohttp.ClientError) as exc:
                 if self.watch.gone:
                     return  # the client left; nothing more to say to it
                 log.warning("stream from backend broke: %s", type(exc).__name__)
-                err = error_body(
-                    "the model backend stopped while streaming", "server_error", None, "backend_error"
-                )
-                tail = b"data: " + orjson.dumps(err) + b"\n\n" + _DONE
-                await send({"type": "http.response.body", "body": tail, "more_body": True})
+                # One error event and one [DONE] per stream: what vLLM already sent is not repeated.
+                tail = b"" if ended else _DONE
+                if not ended and not self.errored:
+                    err = error_body(
+                        "the model backend stopped while streaming", "server_error", None, "backend_error"
+                    )
+                    tail = b"data: " + orjson.dumps(err) + b"\n\n" + _DONE
+                if tail:
+                    await send({"type": "http.response.body", "body": tail, "more_body": True})
             if clean and buffer.strip():  # after a break it is a partial event: dropped
                 await send(
                     {"type": "http.response.body", "body": self._events(buffer + b"\n\n"), "more_body": True}
