@@ -23,6 +23,7 @@ _PATTERNS = [
     re.compile(rb"\b(?:127\.0\.0\.1|localhost|0\.0\.0\.0):\d+"),  # a host and port
     re.compile(rb"(?<![\w/.])/(?:tmp|var|home|work|root|opt|srv|usr|etc|proc|data|mnt)/"),  # a path
 ]
+_REQUEST_ID = re.compile(rb"\(request id: [^)]*\)")
 _MAX_BODY = 256 << 10  # the part of an error body that is read
 
 
@@ -49,11 +50,13 @@ class Scan:
                 self.secrets.add(value.encode())
                 if field == "url":  # also as a client library names it: host, or host:port
                     url = httpx.URL(value)
-                    self.secrets.add(url.host.encode())
+                    if len(url.host) >= 6:  # a short one ("x", "b3") would match ordinary words
+                        self.secrets.add(url.host.encode())
                     if url.port:
                         self.secrets.add(f"{url.host}:{url.port}".encode())
 
     def check(self, request: httpx.Request, text: bytes, what: str) -> None:
+        text = _REQUEST_ID.sub(b"", text)  # hex that short secrets could match by chance
         hits = [m.group(0) for p in _PATTERNS for m in p.finditer(text)]
         hits += [s for s in self.secrets if s in text]
         # What the client sent itself (a model it named) may be echoed back: that tells it nothing.
