@@ -319,11 +319,29 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_every_backend_refusing_gives_a_503_at_once_not_a_spin() -> None:
-    fleet = tuple(
-        BackendView(uuid.uuid4(), f"down{i}", f"http://127.0.0.1:{_closed_port()}", MODEL.id, 4, capacity=8)
+def _refusing_fleet(name: str, gpu_slots: int, capacity: int) -> tuple[BackendView, ...]:
+    """Two backends on ports nothing listens on."""
+    return tuple(
+        BackendView(
+            uuid.uuid4(),
+            f"{name}{i}",
+            f"http://127.0.0.1:{_closed_port()}",
+            MODEL.id,
+            gpu_slots,
+            capacity=capacity,
+        )
         for i in range(2)
     )
+
+
+async def _held_elsewhere(store: MemoryResidency, slots: BackendSlots, a: AdapterView, lease: str) -> None:
+    """The adapter registered on `slots` with another gateway's request in flight."""
+    r = await store.reserve(POOL, slots, a.served_name, str(a.tenant_id), victim=None, tenant_cap=None)
+    assert await store.commit(POOL, slots.id, a.served_name, r.token, lease)
+
+
+async def test_every_backend_refusing_gives_a_503_at_once_not_a_spin() -> None:
+    fleet = _refusing_fleet("down", 4, 8)
     store = ReserveCountingStore()
     client = VllmClient.create()
     router = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a", wait_timeout_s=5)
@@ -343,18 +361,13 @@ async def test_every_backend_refusing_gives_a_503_at_once_not_a_spin() -> None:
 
 async def test_a_backend_that_refused_a_load_is_not_handed_out_again_while_waiting() -> None:
     """Both backends refuse connections and are known to be down; one (b1) is full with another
-    gateway's request in flight. The load on b0 is refused, so the request waits for b1; its turns must never send it back to b0, which
-    spun reserve -> refused -> wait -> b0 again until the deadline (thousands of Redis calls a second in
+    gateway's request in flight. The load on b0 is refused, so the request waits for b1; its turns
+    must never send it back to b0, which spun reserve -> refused -> wait -> b0 again until the deadline (thousands of Redis calls a second in
     the rolling-restart drill)."""
-    fleet = tuple(
-        BackendView(uuid.uuid4(), f"down{i}", f"http://127.0.0.1:{_closed_port()}", MODEL.id, 1, capacity=1)
-        for i in range(2)
-    )
+    fleet = _refusing_fleet("down", 1, 1)
     store = ReserveCountingStore()
     busy = adapter("busy")
-    b1 = BackendSlots(str(fleet[1].id), 1, 1)
-    r = await store.reserve(POOL, b1, busy.served_name, str(busy.tenant_id), victim=None, tenant_cap=None)
-    assert await store.commit(POOL, b1.id, busy.served_name, r.token, "another-gateways-request")
+    await _held_elsewhere(store, BackendSlots(str(fleet[1].id), 1, 1), busy, "another-gateways-request")
     store.reserves = 0
     client = VllmClient.create()
     router = Router(
@@ -373,15 +386,11 @@ async def test_a_backend_that_refused_a_load_is_not_handed_out_again_while_waiti
 async def test_marking_a_backend_down_keeps_the_fleets_state_of_it() -> None:
     """One process's failed connection proves nothing about what the backend holds, nor about other
     gateways' requests there: mark_down is a local flag, the store's state of the backend stays."""
-    fleet = tuple(
-        BackendView(uuid.uuid4(), f"b{i}", f"http://127.0.0.1:{_closed_port()}", MODEL.id, 4, capacity=8)
-        for i in range(2)
-    )
+    fleet = _refusing_fleet("b", 4, 8)
     store = MemoryResidency()
     a = adapter("kept")
     slots = BackendSlots(str(fleet[0].id), 4, 8)
-    r = await store.reserve(POOL, slots, a.served_name, str(a.tenant_id), victim=None, tenant_cap=None)
-    assert await store.commit(POOL, slots.id, a.served_name, r.token, "another-gateways-lease")
+    await _held_elsewhere(store, slots, a, "another-gateways-lease")
     client = VllmClient.create()
     router = Router(store=store, policy=PackPolicy(), client=client, adapter_root="/a")
     try:
