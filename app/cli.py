@@ -135,6 +135,83 @@ def demo(
     demo_mod.main(settings, admin_key=key, vllm_venv=vllm_venv, vllm_port=vllm_port)
 
 
+@app.command()
+def worker() -> None:
+    """Run promotion and demotion jobs (merge, quantize, launch, verify, switch) until stopped."""
+    import asyncio
+    import signal
+
+    from app.promotion.worker import serve_worker
+
+    settings = get_settings()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_worker(settings, stop)
+
+    asyncio.run(main())
+
+
+def _ml_step(argv: list[str], python: str) -> None:
+    """Runs an ML step in its own environment, showing its progress; exits with its status."""
+    import asyncio
+
+    from app.promotion.ml import protocol
+    from app.promotion.runner import run_step
+    from app.promotion.worker import REPO_ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    with Progress("[progress.description]{task.description}", BarColumn(), console=err) as bar:
+        task = bar.add_task(argv[1], total=1.0)
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "progress":
+                bar.update(task, completed=event["fraction"], description=f"{event['step']}: {event['message']}")
+
+        run = asyncio.run(run_step([python, "-m", *argv], env=env, on_event=on_event))
+    if run.result is not None:
+        _print({k: v for k, v in run.result.items() if k not in ("event", "time")})
+    if run.returncode != 0:
+        err.print(run.log_tail[-4000:])
+        err.print(
+            "[red]gate failed[/red]" if run.returncode == protocol.GATE_FAILED else f"[red]failed ({run.returncode})[/red]"
+        )
+        raise typer.Exit(run.returncode or 1)
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Option(help="base model folder (Hugging Face layout)")],
+    adapter: Annotated[Path, typer.Option(help="peft adapter folder")],
+    out: Annotated[Path, typer.Option(help="where the merged model goes")],
+    dtype: Annotated[str, typer.Option(help="saved dtype: auto (the base's), bfloat16, float16, float32")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda if torch sees one), cpu, cuda")] = "auto",
+) -> None:
+    """Merge a LoRA adapter into its base model (peft merge_and_unload), with the merge gate."""
+    import sys
+
+    python = get_settings().ML_PYTHON or sys.executable
+    _ml_step(["app.promotion.ml.merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
+              "--dtype", dtype, "--device", device], python)  # fmt: skip
+
+
+@app.command()
+def quantize(
+    awq: Annotated[Path, typer.Option("--awq", help="merged model folder to AWQ-quantize (W4A16, group 128)")],
+    out: Annotated[Path, typer.Option(help="where the quantized model goes")],
+    calibration: Annotated[Path | None, typer.Option(help="calibration texts, one per line")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+) -> None:
+    """AWQ-quantize a merged model with llm-compressor (in the quantizer's venv), with the quality gate."""
+    argv = ["app.promotion.ml.quantize", "--model", str(awq), "--out", str(out), "--device", device]
+    if calibration is not None:
+        argv += ["--calibration", str(calibration)]
+    _ml_step(argv, get_settings().QUANTIZER_PYTHON)
+
+
 # --- admin client ----------------------------------------------------------------------------------------
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="GATEWAY_URL", help="Gateway base URL")]

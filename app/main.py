@@ -24,6 +24,7 @@ from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
 from app.errors import log_request_ids
 from app.lifecycle import Drain
+from app.promotion.routes import RoutingTable
 from app.registry.cache import RegistryCache
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
@@ -100,7 +101,12 @@ def create_app(settings: Settings) -> FastPath:
             tenant_share=settings.PLACEMENT_TENANT_SHARE,
             redis_outage=settings.REDIS_OUTAGE,
         )
-        data_path = DataPath(cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES)
+        routes = RoutingTable(sessionmaker, poll_s=settings.ROUTES_POLL_S)
+        with contextlib.suppress(Exception):  # the database may be out at start: the poller retries
+            await routes.refresh()
+        data_path = DataPath(
+            cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES, routes=routes
+        )
         reconciler = Reconciler(
             sessionmaker=sessionmaker,
             router=router,
@@ -110,7 +116,11 @@ def create_app(settings: Settings) -> FastPath:
         )
         drain = Drain(settings.DRAIN_S)
         drain.install()
-        background = [asyncio.create_task(cache.run_usage_flusher()), asyncio.create_task(reconciler.run())]
+        background = [
+            asyncio.create_task(cache.run_usage_flusher()),
+            asyncio.create_task(reconciler.run()),
+            asyncio.create_task(routes.run()),
+        ]
         if settings.GC_FREEZE:
             # Everything built so far lives as long as the process: keep the collector from rescanning
             # it (and pausing the event loop) while requests run. Young-generation thresholds stay at
@@ -133,6 +143,8 @@ def create_app(settings: Settings) -> FastPath:
             await router.close()
             with contextlib.suppress(Exception):
                 await cache.flush_key_usage()
+            with contextlib.suppress(Exception):
+                await routes.leave()
             await client.close()
             if redis is not None:
                 await redis.aclose()

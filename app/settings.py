@@ -80,6 +80,31 @@ class Settings(BaseSettings):
     # Consecutive failed health checks after which a backend gets no traffic until it answers again.
     UNHEALTHY_AFTER: int = Field(2, ge=1)
 
+    # Promotion. Each replica polls the routing epoch this often: a switch reaches it within about this.
+    ROUTES_POLL_S: float = Field(0.25, gt=0, le=10)
+    # Merged and quantized models (content-addressed); dedicated deployments must be able to read it.
+    ARTIFACT_STORE: Path | None = None
+    # The artifact store's path as dedicated deployments see it (default: the same path).
+    DEPLOYMENT_ARTIFACT_ROOT: str | None = None
+    # Interpreters of the ML steps: the merge runs where torch + transformers + peft are installed (the
+    # gateway's own venv with the `ml` extra by default), AWQ in the quantizer's venv
+    # (scripts/setup-quantizer.sh), local deployments with the vLLM venv's python.
+    ML_PYTHON: str = ""
+    QUANTIZER_PYTHON: str = ".venv-awq/bin/python"
+    LOCAL_VLLM_PYTHON: str = ".venv-vllm/bin/python"
+    # Extra `vllm serve` arguments of local dedicated deployments (e.g. "--dtype float32" on a CPU).
+    LOCAL_VLLM_ARGS: str = ""
+    # A worker's claim on its job lives this long unless renewed (every third of it): a crashed worker's
+    # job is taken over by another after about this long.
+    JOB_LEASE_S: float = Field(30.0, ge=3, le=3600)
+    WORKER_POLL_S: float = Field(1.0, gt=0, le=60)
+    # Attempts (workers that took the job and died) before a job is failed instead of resumed.
+    JOB_MAX_ATTEMPTS: int = Field(3, ge=1, le=20)
+    # A dedicated deployment that does not answer /health within this long fails its job.
+    DEPLOY_READY_TIMEOUT_S: float = Field(900.0, gt=0)
+    # Demotion: how long running requests on the deployment may take to finish before it is stopped.
+    DEMOTE_DRAIN_S: float = Field(60.0, ge=0)
+
     # Freeze start-up objects out of the garbage collector's scans (fewer event-loop pauses under load).
     GC_FREEZE: bool = True
 
@@ -95,6 +120,11 @@ class Settings(BaseSettings):
         if self.ADAPTER_STORE is None:
             self.ADAPTER_STORE = self.DATA_DIR / "adapters"
         self.ADAPTER_STORE = self.ADAPTER_STORE.resolve()
+        if self.ARTIFACT_STORE is None:
+            self.ARTIFACT_STORE = self.DATA_DIR / "artifacts"
+        self.ARTIFACT_STORE = self.ARTIFACT_STORE.resolve()
+        if self.DEPLOYMENT_ARTIFACT_ROOT is None:
+            self.DEPLOYMENT_ARTIFACT_ROOT = str(self.ARTIFACT_STORE)
         if self.BACKEND_ADAPTER_ROOT is None:
             self.BACKEND_ADAPTER_ROOT = str(self.ADAPTER_STORE)
         if self.ADMIN_API_KEY is not None and len(self.ADMIN_API_KEY.get_secret_value()) < 16:
@@ -105,6 +135,11 @@ class Settings(BaseSettings):
     def store_root(self) -> Path:
         assert self.ADAPTER_STORE is not None  # filled by the validator
         return self.ADAPTER_STORE
+
+    @property
+    def artifact_root(self) -> Path:
+        assert self.ARTIFACT_STORE is not None  # filled by the validator
+        return self.ARTIFACT_STORE
 
     @property
     def is_sqlite(self) -> bool:

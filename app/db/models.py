@@ -58,7 +58,8 @@ class JobState(enum.StrEnum):
 class DeploymentState(enum.StrEnum):
     PENDING = "pending"
     STARTING = "starting"
-    READY = "ready"
+    READY = "ready"  # up and past the served gate; takes the adapter's traffic once `active`
+    STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -148,21 +149,36 @@ class Adapter(IdMixin, CreatedMixin, Base):
 
 
 class Job(IdMixin, CreatedMixin, Base):
+    """A promotion (or demotion) run by a worker. The row is also the queue entry: a worker claims it by
+    setting a lease it renews while it works, so a crashed worker's job is taken over once its lease
+    expires and no two workers run one job at once (app/promotion/jobs.py)."""
+
     __tablename__ = "jobs"
 
     kind: Mapped[str] = mapped_column(String(32))
     adapter_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("adapters.id", ondelete="SET NULL"), index=True
     )
-    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED, index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    step: Mapped[str | None] = mapped_column(String(32))  # the step running (or that failed)
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # of the current step
+    # One entry per step begun: name, state, started_at, seconds, figures (gates), reused (resumed).
+    steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
+    log_tail: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Deployment(IdMixin, CreatedMixin, Base):
-    """A dedicated vLLM serving one promoted adapter; a READY one takes that adapter's traffic."""
+    """A dedicated vLLM serving one promoted adapter's merged model; an `active` READY one takes that
+    adapter's traffic (the routing table, app/promotion/routes.py)."""
 
     __tablename__ = "deployments"
 
@@ -170,6 +186,39 @@ class Deployment(IdMixin, CreatedMixin, Base):
         ForeignKey("adapters.id", ondelete="SET NULL"), index=True
     )
     backend_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("backends.id", ondelete="SET NULL"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     launcher: Mapped[str] = mapped_column(String(32))  # "local" or "kubernetes"
     model_path: Mapped[str] = mapped_column(Text)
     state: Mapped[DeploymentState] = mapped_column(_enum(DeploymentState), default=DeploymentState.PENDING)
+    # Whether the adapter's traffic goes here (set by the switch, cleared first on demotion).
+    active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    served_model_name: Mapped[str | None] = mapped_column(String(200))
+    quantization: Mapped[str] = mapped_column(String(16), default="none", server_default="none")
+    tensor_parallel_size: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # What the launcher returned (URL and its handle: pid, or Kubernetes object names).
+    handle: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RoutingEpoch(Base):
+    """One row: bumped by every change of the routing table (a switch or a demotion). Each gateway replica
+    polls it (GATEWAY_ROUTES_POLL_S) and reloads the table when it moves, so a switch reaches every replica
+    within about one poll, without a cache expiry."""
+
+    __tablename__ = "routing_epoch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class GatewayReplica(Base):
+    """What each gateway replica last saw of the routing epoch: the worker waits for every live replica to
+    report the new epoch before it stops a deployment or calls a switch done."""
+
+    __tablename__ = "gateway_replicas"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -37,6 +38,7 @@ from app.errors import (
     error_body,
 )
 from app.outages import StateUnavailable
+from app.promotion.routes import RoutingTable
 from app.registry.cache import RegistryCache
 from app.registry.snapshots import BackendView, TenantView
 from app.routing.resolve import Target, resolve
@@ -55,8 +57,16 @@ _JSON = "application/json"
 class DataPath:
     """Everything a /v1 request needs, built once in the app's lifespan."""
 
-    def __init__(self, *, cache: RegistryCache, router: Router, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        cache: RegistryCache,
+        router: Router,
+        max_request_bytes: int,
+        routes: RoutingTable | None = None,
+    ) -> None:
         self.cache = cache
+        self.routes = routes
         self.router = router
         self.client = router.client
         self.max_request_bytes = max_request_bytes
@@ -106,6 +116,13 @@ class DataPath:
         # Only the allowlisted fields go on; the tenant's cache salt is set (app/api/openai/surface.py).
         stream = surface.check(route, body, tenant.id)
         target = await resolve(self.cache, tenant, body.get("model"), lora_request)
+        # A promoted adapter goes to its dedicated deployment (decided once, here, for the whole request),
+        # unless that deployment is failing its health checks: then the LoRA path serves it.
+        promoted = self.routes.get(target.adapter.id) if self.routes is not None and target.adapter else None
+        if promoted is not None and str(promoted.backend.id) not in self.router.unhealthy:
+            target = replace(target, served_name=promoted.served_name, adapter=None)
+        else:
+            promoted = None
         client_wants_usage = False
         if stream:
             opts = body.get("stream_options")
@@ -116,7 +133,11 @@ class DataPath:
         payload = orjson.dumps(body)
         headers = {IGNORED_HEADER: IGNORED_TEXT} if target.ignored_lora_path else {}
 
-        backends = await self.cache.shared_backends(target.base_model.id)
+        backends = (
+            (promoted.backend,)
+            if promoted is not None
+            else await self.cache.shared_backends(target.base_model.id)
+        )
         if not backends:
             raise ServiceUnavailable(
                 f"no backend serves base model '{target.base_model.name}' right now",

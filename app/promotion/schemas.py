@@ -1,0 +1,114 @@
+"""Admin API shapes of promotions, jobs and deployments."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.db.models import DeploymentState, JobState
+
+_MAX_TEXTS = 1024
+_MAX_TEXT_CHARS = 16_384
+
+
+class Gates(BaseModel):
+    """Thresholds of the step gates; unset ones keep the defaults shown."""
+
+    model_config = ConfigDict(extra="forbid")
+    logits_tolerance: float = Field(1e-3, gt=0, le=1, description="merge: max abs fp32 logit difference")
+    max_kl: float = Field(0.02, gt=0, le=10, description="quantize: mean KL(merged || quantized)")
+    min_top1: float = Field(0.95, ge=0, le=1, description="quantize: top-1 agreement with the merged model")
+    served_min_top1: float = Field(0.95, ge=0, le=1, description="verify: top-1 agreement with the LoRA path")
+    served_min_exact: float | None = Field(
+        None, ge=0, le=1, description="verify: share of prompts whose greedy answer is the LoRA path's "
+        "(default 0.75 for quantization none, 0 for awq)",
+    )
+
+
+class GgufOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quant_type: Literal["F16", "Q8_0", "Q5_K_M", "Q4_K_M"] = "Q4_K_M"
+
+
+class PromotionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quantization: Literal["awq", "none"] = "awq"
+    calibration_texts: list[str] | None = Field(
+        None, min_length=1, max_length=_MAX_TEXTS, description="AWQ calibration texts (default: the shipped set)"
+    )
+    gguf: GgufOptions | None = None
+    launcher: Literal["local", "kubernetes"] = "local"
+    resources: dict[str, int | float | str] = Field(
+        default_factory=dict, description="launcher resources, e.g. gpus, cpu, memory (Kubernetes)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    max_model_len: int | None = Field(None, ge=16, le=1 << 22)
+    serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="merged model's dtype")
+    gates: Gates = Field(default_factory=Gates)
+
+    @model_validator(mode="after")
+    def _check(self) -> PromotionCreate:
+        if self.calibration_texts is not None:
+            if self.quantization != "awq":
+                raise ValueError("calibration_texts only apply to quantization 'awq'")
+            if any(not t.strip() or len(t) > _MAX_TEXT_CHARS for t in self.calibration_texts):
+                raise ValueError(f"each calibration text must be non-empty and at most {_MAX_TEXT_CHARS} characters")
+        if len(self.resources) > 16:
+            raise ValueError("at most 16 resources")
+        return self
+
+
+class JobStep(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    state: str
+    started_at: str | None = None
+    seconds: float | None = None
+    figures: dict[str, Any] | None = None
+
+
+class JobRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    kind: str
+    adapter_id: uuid.UUID | None
+    state: JobState
+    step: str | None
+    progress: float
+    steps: list[JobStep]
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    log_tail: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime | None
+    finished_at: datetime | None
+
+
+class DeploymentRead(BaseModel):
+    id: uuid.UUID
+    adapter_id: uuid.UUID | None
+    job_id: uuid.UUID | None
+    launcher: str
+    state: DeploymentState
+    active: bool
+    quantization: str
+    tensor_parallel_size: int
+    model_path: str
+    error: str | None
+    created_at: datetime
+    updated_at: datetime | None
+
+
+class ArtifactRead(BaseModel):
+    name: str
+    kind: str
+    size_bytes: int
+    sha256: str
+    download: str
