@@ -149,7 +149,9 @@ class Worker:
             job = await jobs.claim(session, owner=self.owner, lease_s=self.config.lease_s)
         if job is None:
             return False
-        run = _Run(job=job, owner=self.owner, steps=list(job.steps or []))
+        # A step still "running" in the row was cut short by the worker that died holding the job.
+        steps = [{**s, "state": "interrupted"} if s.get("state") == "running" else s for s in job.steps or []]
+        run = _Run(job=job, owner=self.owner, steps=steps)
         self.artifacts.sweep_staging(str(job.id))
         log.info("job %s (%s) claimed, attempt %d", job.id, job.kind, job.attempts)
         heartbeat = asyncio.create_task(self._heartbeat(run))
