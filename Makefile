@@ -47,4 +47,4 @@ lint: venv
 	$(BIN)/mypy app
 
 clean:
-	rm -rf $(VENV) .venv-vllm data
+	rm -rf $(VENV) .venv-vllm .venv-awq data

@@ -22,7 +22,13 @@ keys_app = typer.Typer(help="Manage tenants' API keys.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Manage LoRA adapters.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+promotions_app = typer.Typer(help="Promote hot adapters to dedicated deployments; the advice.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Promotion and demotion jobs.", no_args_is_help=True)
+deployments_app = typer.Typer(help="Dedicated deployments of promoted adapters.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(promotions_app, name="promotions")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(deployments_app, name="deployments")
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -358,6 +364,164 @@ def adapters_list(tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key:
     """List a tenant's adapters."""
     with _client(url, admin_key) as c:
         _print(_check(c.get(f"/tenants/{tenant}/adapters")))
+
+
+def _adapter_id(c: httpx.Client, ref: str) -> str:
+    """An adapter id, or TENANT/NAME (its newest version)."""
+    if "/" not in ref:
+        return ref
+    tenant, name = ref.split("/", 1)
+    found = [a for a in _check(c.get(f"/tenants/{tenant}/adapters"))["data"] if a["name"] == name]
+    if not found:
+        err.print(f"[red]tenant {tenant!r} has no adapter {name!r}[/red]")
+        raise typer.Exit(1)
+    return str(max(found, key=lambda a: a["version"])["id"])
+
+
+def _follow(c: httpx.Client, job_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """Shows the job's step and progress until it ends; its final state."""
+    import time
+
+    with Progress("[progress.description]{task.description}", BarColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("queued", total=1.0)
+        while True:
+            job: dict[str, Any] = _check(c.get(f"/jobs/{job_id}"))
+            bar.update(task, completed=job["progress"], description=f"{job['state']}: {job['step'] or 'waiting'}")
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(poll_s)
+
+
+def _job_summary(job: dict[str, Any]) -> None:
+    for step in job["steps"]:
+        seconds = f"{step['seconds']:.1f} s" if step.get("seconds") is not None else ""
+        err.print(f"  {step['name']:<10} {step['state']:<12} {seconds}")
+    if job["state"] != "succeeded":
+        err.print(f"[red]{job['state']}[/red]: {job['error'] or ''}")
+        raise typer.Exit(1)
+
+
+@promotions_app.command("create")
+def promotions_create(
+    adapter: Annotated[str, typer.Argument(help="adapter id, or TENANT/NAME (its newest version)")],
+    quantization: Annotated[str, typer.Option(help="awq (W4A16) or none")] = "awq",
+    launcher: Annotated[str, typer.Option(help="local or kubernetes")] = "local",
+    options: Annotated[
+        str | None, typer.Option("--options", help="more of the request as JSON, e.g. '{\"gates\": {...}}'")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="show progress until the job ends")] = False,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Promote an adapter: merge, quantize, launch a dedicated deployment, verify, switch its traffic."""
+    body: dict[str, Any] = {"quantization": quantization, "launcher": launcher, **json.loads(options or "{}")}
+    with _client(url, admin_key) as c:
+        job = _check(c.post(f"/adapters/{_adapter_id(c, adapter)}/promotions", json=body))
+        _print(job)
+        if follow:
+            _job_summary(_follow(c, job["id"]))
+
+
+@promotions_app.command("advice")
+def promotions_advice(
+    window_s: Annotated[int, typer.Option(help="how far back traffic counts (s)")] = 3600,
+    target: Annotated[str, typer.Option(help="gpu, or cpu for CPU/edge serving")] = "gpu",
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Adapters ranked by measured traffic, with the decision tree's advice (advice only)."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get("/promotions/advice", params={"window_s": window_s, "target": target})))
+
+
+@jobs_app.command("list")
+def jobs_list(url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List jobs, newest first."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get("/jobs")))
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job: str,
+    follow: Annotated[bool, typer.Option(help="show progress until the job ends")] = False,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """A job's state, step, progress, per-step timings and log tail."""
+    with _client(url, admin_key) as c:
+        if follow:
+            done = _follow(c, job)
+            _print(done)
+            _job_summary(done)
+        else:
+            _print(_check(c.get(f"/jobs/{job}")))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """Cancel a job (its running step is stopped; nothing is switched)."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.post(f"/jobs/{job}/cancel")))
+
+
+@jobs_app.command("artifacts")
+def jobs_artifacts(
+    job: str,
+    download: Annotated[str | None, typer.Option(help="artifact name to download as a tar")] = None,
+    out: Annotated[Path | None, typer.Option(help="where the tar goes (default: NAME.tar)")] = None,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """List a job's artifacts (size, sha256), or download one."""
+    import hashlib
+    import tarfile
+
+    with _client(url, admin_key) as c:
+        if download is None:
+            _print(_check(c.get(f"/jobs/{job}/artifacts")))
+            return
+        target = out or Path(f"{download}.tar")
+        partial = target.with_name(target.name + ".partial")
+        with c.stream("GET", f"/jobs/{job}/artifacts/{download}") as resp:
+            if not resp.is_success:
+                resp.read()
+                _check(resp)
+            expected = resp.headers.get("x-artifact-sha256")
+            with partial.open("wb") as f:
+                for chunk in resp.iter_bytes():
+                    f.write(chunk)
+    with tarfile.open(partial) as tar:  # the digest is the manifest's: check it before keeping the file
+        member = tar.extractfile(f"{download}/manifest.json")
+        digest = hashlib.sha256(member.read()).hexdigest() if member is not None else None
+    if expected and digest != expected:
+        partial.unlink()
+        err.print(f"[red]the download does not match its sha256 ({digest} != {expected})[/red]")
+        raise typer.Exit(1)
+    partial.rename(target)
+    _print({"path": str(target), "sha256": digest})
+
+
+@deployments_app.command("list")
+def deployments_list(url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List dedicated deployments."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get("/deployments")))
+
+
+@deployments_app.command("demote")
+def deployments_demote(
+    deployment: str,
+    follow: Annotated[bool, typer.Option(help="show progress until the job ends")] = False,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Demote: traffic back to the shared LoRA path first, then the deployment stops."""
+    with _client(url, admin_key) as c:
+        job = _check(c.delete(f"/deployments/{deployment}"))
+        _print(job)
+        if follow:
+            _job_summary(_follow(c, job["id"]))
 
 
 def main() -> None:

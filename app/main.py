@@ -34,6 +34,7 @@ from app.routing.reconcile import Reconciler
 from app.routing.router import Router
 from app.settings import Settings, get_settings
 from app.store.files import AdapterStore
+from app.traffic import MemoryTraffic, RedisTraffic, TrafficMeter
 
 
 class State(TypedDict):
@@ -104,8 +105,19 @@ def create_app(settings: Settings) -> FastPath:
         routes = RoutingTable(sessionmaker, poll_s=settings.ROUTES_POLL_S)
         with contextlib.suppress(Exception):  # the database may be out at start: the poller retries
             await routes.refresh()
+        traffic = TrafficMeter(
+            RedisTraffic(redis, prefix=settings.REDIS_PREFIX, bucket_s=settings.TRAFFIC_BUCKET_S)
+            if redis is not None
+            else MemoryTraffic(bucket_s=settings.TRAFFIC_BUCKET_S),
+            flush_s=settings.TRAFFIC_FLUSH_S,
+            max_keys=settings.TRAFFIC_MAX_ADAPTERS,
+        )
         data_path = DataPath(
-            cache=cache, router=router, max_request_bytes=settings.MAX_REQUEST_BYTES, routes=routes
+            cache=cache,
+            router=router,
+            max_request_bytes=settings.MAX_REQUEST_BYTES,
+            routes=routes,
+            traffic=traffic,
         )
         reconciler = Reconciler(
             sessionmaker=sessionmaker,
@@ -120,6 +132,7 @@ def create_app(settings: Settings) -> FastPath:
             asyncio.create_task(cache.run_usage_flusher()),
             asyncio.create_task(reconciler.run()),
             asyncio.create_task(routes.run()),
+            asyncio.create_task(traffic.run()),
         ]
         if settings.GC_FREEZE:
             # Everything built so far lives as long as the process: keep the collector from rescanning
@@ -141,6 +154,7 @@ def create_app(settings: Settings) -> FastPath:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await router.close()
+            await traffic.close()
             with contextlib.suppress(Exception):
                 await cache.flush_key_usage()
             with contextlib.suppress(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +81,13 @@ class Settings(BaseSettings):
     # Consecutive failed health checks after which a backend gets no traffic until it answers again.
     UNHEALTHY_AFTER: int = Field(2, ge=1)
 
+    # Traffic per adapter for the promotion advice: summed in process, added every TRAFFIC_FLUSH_S into
+    # TRAFFIC_BUCKET_S buckets (in Redis when set, shared by replicas; kept 25 h), at most
+    # TRAFFIC_MAX_ADAPTERS adapters per flush (the rest summed as "other").
+    TRAFFIC_FLUSH_S: float = Field(10.0, gt=0, le=300)
+    TRAFFIC_BUCKET_S: int = Field(300, ge=10, le=3600)
+    TRAFFIC_MAX_ADAPTERS: int = Field(10_000, ge=1, le=1_000_000)
+
     # Promotion. Each replica polls the routing epoch this often: a switch reaches it within about this.
     ROUTES_POLL_S: float = Field(0.25, gt=0, le=10)
     # Merged and quantized models (content-addressed); dedicated deployments must be able to read it.
@@ -104,6 +112,35 @@ class Settings(BaseSettings):
     DEPLOY_READY_TIMEOUT_S: float = Field(900.0, gt=0)
     # Demotion: how long running requests on the deployment may take to finish before it is stopped.
     DEMOTE_DRAIN_S: float = Field(60.0, ge=0)
+
+    # Kubernetes: dedicated deployments (launcher "kubernetes") and, with K8S_STEPS, the ML steps as Jobs
+    # on GPU nodes. Off while K8S_NAMESPACE is empty. Models are read from (and steps write to) the PVC
+    # K8S_MODEL_PVC mounted at K8S_MODEL_MOUNT_PATH: set DEPLOYMENT_ARTIFACT_ROOT to the artifact store's
+    # path under it. Inside a cluster the pod's service account is used, else K8S_KUBECONFIG/K8S_CONTEXT.
+    K8S_NAMESPACE: str = ""
+    K8S_MODEL_PVC: str = ""
+    K8S_MODEL_MOUNT_PATH: str = "/models"
+    K8S_IMAGE: str = "vllm/vllm-openai:v0.32.0"
+    K8S_WORKER_IMAGE: str = ""  # the image with lora-gateway and the ML extras (step Jobs)
+    K8S_GPU_RESOURCE: str = "nvidia.com/gpu"
+    K8S_NODE_SELECTOR: dict[str, str] = Field(default_factory=dict)  # JSON
+    K8S_TOLERATIONS: list[dict[str, Any]] = Field(default_factory=list)  # JSON, Kubernetes' own form
+    K8S_LABELS: dict[str, str] = Field(default_factory=dict)
+    K8S_IMAGE_PULL_SECRETS: list[str] = Field(default_factory=list)
+    K8S_SERVICE_ACCOUNT: str = ""
+    K8S_RUN_AS_USER: int = Field(1000, ge=-1)  # -1: the image's own user
+    K8S_KUBECONFIG: str = ""
+    K8S_CONTEXT: str = ""
+    K8S_STEPS: bool = False  # run merge / quantize as Kubernetes Jobs instead of local subprocesses
+    # [[local prefix, pod prefix], ...]: where the artifact store, adapter store and base models are in
+    # the step's pod (default: ARTIFACT_STORE -> DEPLOYMENT_ARTIFACT_ROOT).
+    K8S_STEP_PATH_MAP: list[tuple[str, str]] = Field(default_factory=list)
+    K8S_STEP_PYTHON: str = "python"
+    K8S_STEP_QUANTIZER_PYTHON: str = ""  # the quantizer's interpreter in its image (its pins clash)
+    K8S_STEP_QUANTIZER_IMAGE: str = ""
+    K8S_STEP_GPUS: int = Field(1, ge=0)
+    K8S_STEP_CPU: str = ""
+    K8S_STEP_MEMORY: str = ""
 
     # Freeze start-up objects out of the garbage collector's scans (fewer event-loop pauses under load).
     GC_FREEZE: bool = True

@@ -195,3 +195,36 @@ def test_cli_reports_api_errors(gateway: tuple[str, dict[str, str]], tmp_path: P
     (bin_dir / "adapter_model.bin").write_bytes(b"\x80")
     refused = cli(env, "adapters", "upload", "dup", "a", str(bin_dir))
     assert refused.returncode == 2 and "pickle" in refused.stderr
+
+
+def test_promotion_commands(gateway: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """The promotion commands against a gateway with no worker running: the job waits in the queue,
+    where it can be shown and cancelled; the worker's side is in tests/integration/test_promotion.py."""
+    url, env = gateway
+    admin = {"Authorization": f"Bearer {(Path(env['GATEWAY_DATA_DIR']) / 'admin-api-key').read_text().strip()}"}
+    body = {"name": "tiny-llama", "path": "/m", "hidden_size": 64, "num_layers": TINY_LAYERS, "module_shapes": TINY_SHAPES}
+    assert httpx.post(f"{url}/admin/v1/base-models", json=body, headers=admin).status_code in (201, 409)
+    assert cli(env, "tenants", "create", "promo").returncode == 0
+    folder = write_adapter(tmp_path / "hot", adapter_files())
+    assert cli(env, "adapters", "upload", "promo", "hot", str(folder)).returncode == 0
+
+    made = cli(env, "promotions", "create", "promo/hot", "--quantization", "none", "--options", '{"max_model_len": 256}')
+    assert made.returncode == 0, made.stderr
+    job = json.loads(made.stdout)
+    assert (job["state"], job["params"]["quantization"], job["params"]["max_model_len"]) == ("queued", "none", 256)
+    shown = json.loads(cli(env, "jobs", "show", job["id"]).stdout)
+    assert shown["id"] == job["id"] and shown["steps"] == []
+    assert job["id"] in {j["id"] for j in json.loads(cli(env, "jobs", "list").stdout)["data"]}
+    again = cli(env, "promotions", "create", "promo/hot")
+    assert again.returncode == 1 and "409" in again.stderr  # one job per adapter at a time
+    cancelled = cli(env, "jobs", "cancel", job["id"])
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["cancel_requested"] is True
+    assert json.loads(cli(env, "deployments", "list").stdout)["data"] == []
+    advice = cli(env, "promotions", "advice", "--window-s", "600")
+    assert advice.returncode == 0, advice.stderr
+    assert json.loads(advice.stdout)["object"] == "promotion.advice"
+
+    unknown = cli(env, "promotions", "create", "promo/nope")
+    assert unknown.returncode == 1 and "has no adapter 'nope'" in unknown.stderr
+    bad = cli(env, "promotions", "create", "promo/hot", "--quantization", "gptq")
+    assert bad.returncode == 1 and "400" in bad.stderr

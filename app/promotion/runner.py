@@ -10,9 +10,9 @@ import ctypes
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from app.promotion.ml import protocol
 
@@ -35,6 +35,23 @@ class StepRun:
         return self.returncode == protocol.GATE_FAILED
 
 
+class StepRunner(Protocol):
+    """Runs one ML step to its end: run_step here (a subprocess), or steps_k8s (a Kubernetes Job)."""
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        on_event: Callable[[dict[str, Any]], None] | None = ...,
+        stop: asyncio.Event | None = ...,
+        timeout_s: float | None = ...,
+        into: StepRun | None = ...,
+        job_id: str | None = ...,
+        attempt: int | None = ...,
+    ) -> Awaitable[StepRun]: ...
+
+
 class StepCancelled(Exception):
     """The job was cancelled (or lost its lease) while the step ran; the step's processes are gone."""
 
@@ -48,10 +65,16 @@ async def run_step(
     stop: asyncio.Event | None = None,
     timeout_s: float | None = None,
     grace_s: float = 5.0,
+    into: StepRun | None = None,
+    job_id: str | None = None,
+    attempt: int | None = None,
 ) -> StepRun:
     """Runs argv to its end. `stop` being set ends it early (StepCancelled); so does `timeout_s`
-    (TimeoutError). Either way the process group is terminated, then killed after `grace_s`."""
-    run = StepRun()
+    (TimeoutError). Either way the process group is terminated, then killed after `grace_s`.
+    `into`: the StepRun to fill as the step goes (a caller showing the live log tail reads it).
+    `job_id` and `attempt` name the run for runners that create named objects (steps_k8s); unused here."""
+    del job_id, attempt
+    run = into if into is not None else StepRun()
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Adapter, AdapterState, Deployment, DeploymentState, Job
+from app.db.models import Adapter, AdapterState, Deployment, DeploymentState, Job, Tenant
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.promotion import jobs, schemas
+from app.promotion.advice import AdapterFacts
 from app.registry.service import parse_uuid
 
 _LIVE_DEPLOYMENT = (DeploymentState.PENDING, DeploymentState.STARTING, DeploymentState.READY, DeploymentState.STOPPING)
@@ -131,3 +134,33 @@ def find_artifact(job: Job, name: str, *, artifact_root: Path) -> tuple[dict[str
         if entry.get("name") == name:
             return entry, path
     raise NotFound(f"job has no artifact {name!r}", param="artifact")
+
+
+async def adapter_facts(session: AsyncSession, keys: Iterable[str]) -> dict[str, AdapterFacts]:
+    """What the advice needs of the adapters it saw traffic for (hex ids; other keys are skipped)."""
+    ids = []
+    for key in keys:
+        try:
+            ids.append(uuid.UUID(hex=key))
+        except ValueError:
+            continue
+    out: dict[str, AdapterFacts] = {}
+    for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500)):
+        rows = await session.execute(
+            select(Adapter, Tenant.name)
+            .join(Tenant, Tenant.id == Adapter.tenant_id)
+            .where(Adapter.id.in_(chunk), Adapter.state != AdapterState.DELETED)
+        )
+        promoted = set(
+            await session.scalars(
+                select(Deployment.adapter_id).where(
+                    Deployment.adapter_id.in_(chunk), Deployment.active.is_(True)
+                )
+            )
+        )
+        for adapter, tenant in rows:
+            out[adapter.id.hex] = AdapterFacts(
+                id=adapter.id, tenant=tenant, name=adapter.name, version=adapter.version,
+                created_at=adapter.created_at, promoted=adapter.id in promoted,
+            )  # fmt: skip
+    return out

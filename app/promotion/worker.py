@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 from sqlalchemy import delete, select
@@ -49,7 +49,7 @@ from app.promotion.launchers.base import DeploymentSpec, Launched, Launcher, Lau
 from app.promotion.ml.merge import REFERENCE_FILE
 from app.promotion.ml.protocol import GateFailed
 from app.promotion.routes import bump_epoch, wait_observed
-from app.promotion.runner import StepCancelled, run_step
+from app.promotion.runner import StepCancelled, StepRun, StepRunner, run_step
 from app.promotion.served import GateFailedWith, served_gate
 from app.settings import Settings
 
@@ -104,6 +104,7 @@ class _Run:
     steps: list[dict[str, Any]] = field(default_factory=list)
     log_tail: str = ""
     dirty: bool = True
+    live: StepRun | None = None  # the ML step running now: its log tail is the job's while it runs
 
     def on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") == "progress":
@@ -111,7 +112,8 @@ class _Run:
             self.dirty = True
 
     def changes(self) -> dict[str, Any]:
-        return {"step": self.step, "progress": self.progress, "steps": list(self.steps), "log_tail": self.log_tail}
+        log_tail = self.live.log_tail if self.live is not None else self.log_tail
+        return {"step": self.step, "progress": self.progress, "steps": list(self.steps), "log_tail": log_tail}
 
 
 class Worker:
@@ -122,8 +124,10 @@ class Worker:
         launchers: Mapping[str, Launcher],
         *,
         owner: str | None = None,
+        step_runner: StepRunner | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
+        self.step_runner: StepRunner = step_runner or run_step
         self.config = config
         self.launchers = dict(launchers)
         self.owner = owner or f"worker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -299,13 +303,17 @@ class Worker:
     async def _ml(self, run: _Run, kind: str, key: str, argv: list[str]) -> tuple[Artifact, dict[str, Any]]:
         """Runs one ML step into a staging folder, then seals it under its key."""
         staged = self.artifacts.staging(str(run.job.id))
+        run.live = StepRun()
         try:
-            step = await run_step(
+            step = await self.step_runner(
                 [*argv, "--out", str(staged)],
                 env=self._ml_env(),
                 on_event=run.on_event,
                 stop=run.stop,
                 timeout_s=self.config.step_timeout_s,
+                into=run.live,
+                job_id=str(run.job.id),
+                attempt=run.job.attempts,
             )
             run.log_tail, run.dirty = step.log_tail, True
             figures = dict(step.result or {})
@@ -317,6 +325,9 @@ class Worker:
                 raise JobFailed(f"the step crashed (exit status {step.returncode}): {_last_line(step.log_tail)}")
             return self.artifacts.commit(kind, key, staged), figures
         finally:
+            if run.live is not None:
+                run.log_tail = run.live.log_tail
+            run.live = None
             self.artifacts.discard(staged)  # gone after a commit (renamed), removed after anything else
 
     async def _merge(self, run: _Run, adapter: Adapter, base: BaseModel, gates: dict[str, float]) -> dict[str, Any]:
@@ -579,7 +590,58 @@ def launchers_from_settings(settings: Settings) -> dict[str, Launcher]:
             )
         )
     }
+    if settings.K8S_NAMESPACE:
+        from app.promotion.launchers.kubernetes import KubernetesLauncher
+
+        launchers["kubernetes"] = KubernetesLauncher(kubernetes_config(settings))
     return launchers
+
+
+def kubernetes_config(settings: Settings) -> Any:
+    """The KubernetesConfig of GATEWAY_K8S_* (kubernetes is imported only where it is configured)."""
+    from app.promotion.launchers.kubernetes import KubernetesConfig
+
+    return KubernetesConfig(
+        namespace=settings.K8S_NAMESPACE,
+        model_pvc=settings.K8S_MODEL_PVC,
+        model_mount_path=settings.K8S_MODEL_MOUNT_PATH,
+        image=settings.K8S_IMAGE,
+        worker_image=settings.K8S_WORKER_IMAGE or None,
+        labels=dict(settings.K8S_LABELS),
+        node_selector=dict(settings.K8S_NODE_SELECTOR),
+        tolerations=tuple(settings.K8S_TOLERATIONS),
+        service_account=settings.K8S_SERVICE_ACCOUNT or None,
+        image_pull_secrets=tuple(settings.K8S_IMAGE_PULL_SECRETS),
+        gpu_resource_name=settings.K8S_GPU_RESOURCE,
+        run_as_user=None if settings.K8S_RUN_AS_USER < 0 else settings.K8S_RUN_AS_USER,
+        run_as_group=None if settings.K8S_RUN_AS_USER < 0 else settings.K8S_RUN_AS_USER,
+        kubeconfig=settings.K8S_KUBECONFIG or None,
+        context=settings.K8S_CONTEXT or None,
+    )
+
+
+def step_runner_from_settings(settings: Settings) -> StepRunner:
+    """Where the ML steps run: subprocesses here (whatever device torch sees), or with GATEWAY_K8S_STEPS
+    Kubernetes Jobs on GPU nodes (app/promotion/steps_k8s.py)."""
+    if not (settings.K8S_NAMESPACE and settings.K8S_STEPS):
+        return run_step
+    from app.promotion.steps_k8s import KubernetesStepRunner, StepJobConfig
+
+    assert settings.DEPLOYMENT_ARTIFACT_ROOT is not None  # filled by Settings
+    path_map = tuple(settings.K8S_STEP_PATH_MAP) or ((str(settings.artifact_root), settings.DEPLOYMENT_ARTIFACT_ROOT),)
+    runner = KubernetesStepRunner(
+        kubernetes_config(settings),
+        StepJobConfig(
+            path_map=path_map,
+            python=settings.K8S_STEP_PYTHON,
+            python_by_step={"quantize": settings.K8S_STEP_QUANTIZER_PYTHON} if settings.K8S_STEP_QUANTIZER_PYTHON else {},
+            image_by_step={"quantize": settings.K8S_STEP_QUANTIZER_IMAGE} if settings.K8S_STEP_QUANTIZER_IMAGE else {},
+            gpus=settings.K8S_STEP_GPUS,
+            cpu=settings.K8S_STEP_CPU or None,
+            memory=settings.K8S_STEP_MEMORY or None,
+        ),
+    )
+    return cast(StepRunner, runner.run_step)
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
@@ -604,7 +666,12 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
 
     engine = create_engine(settings.DATABASE_URL, timeout_s=settings.DB_TIMEOUT_S)
     try:
-        worker = Worker(create_sessionmaker(engine), worker_config(settings), launchers_from_settings(settings))
+        worker = Worker(
+            create_sessionmaker(engine),
+            worker_config(settings),
+            launchers_from_settings(settings),
+            step_runner=step_runner_from_settings(settings),
+        )
         await worker.run_forever(stop)
     finally:
         await engine.dispose()

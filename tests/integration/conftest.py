@@ -125,12 +125,57 @@ def start_gateway(
         time.sleep(0.2)
 
 
+def start_worker(data_dir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`lora-gateway worker` on the gateway's settings, with fast polls and short leases for tests. Local
+    deployments run the vLLM CPU build eagerly (torch.compile's warm-up costs a minute on this machine);
+    a promotion asks for float32 (`serve_dtype`) when its greedy output must equal the LoRA path's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "GATEWAY_ADMIN_API_KEY": ADMIN_KEY,
+        "GATEWAY_LOCAL_VLLM_PYTHON": str(REPO_ROOT / ".venv-vllm" / "bin" / "python"),
+        "GATEWAY_LOCAL_VLLM_ARGS": "--enforce-eager",
+        "GATEWAY_JOB_LEASE_S": "6",
+        "GATEWAY_WORKER_POLL_S": "0.2",
+        "GATEWAY_DEPLOY_READY_TIMEOUT_S": "300",
+        "GATEWAY_DEMOTE_DRAIN_S": "30",
+        # Another vLLM CPU server on this machine: leave thread binding to the OS (see fleet.py).
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        **(extra_env or {}),
+    }
+    with (data_dir / "worker.log").open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+        )
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+async def stop_deployments(db_url: str) -> None:
+    """Stops every local dedicated deployment the registry at db_url still records (a test that failed
+    before its demotion would leave them running: they outlive the worker by design)."""
+    from sqlalchemy import select
+
+    from app.db.models import Deployment
+    from app.db.session import create_engine, create_sessionmaker
+    from app.promotion.launchers.base import Launched
+    from app.promotion.launchers.local import LocalConfig, LocalLauncher
+
+    engine = create_engine(db_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            handles = [h for h in await session.scalars(select(Deployment.handle)) if h and "ref" in h]
+    finally:
+        await engine.dispose()
+    launcher = LocalLauncher(LocalConfig(python=sys.executable, log_dir=Path("/tmp")))
+    for handle in handles:
+        await launcher.stop(Launched(url=handle["url"], ref=handle["ref"]))
 
 
 def upload(admin: httpx.Client, tenant: str, name: str, folder: Path) -> dict[str, object]:

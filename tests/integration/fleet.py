@@ -45,6 +45,7 @@ class Stack:
     redis: Redis
     prefix: str
     tiny: object
+    env: dict[str, str]  # the gateways' GATEWAY_* settings (database, Redis, adapter store)
 
     def key_for(self, adapter: str) -> str:
         return self.keys[adapter.split("/")[0]]
@@ -150,7 +151,7 @@ def running_fleet(root: Path) -> Iterator[Stack]:
                 c.post("/v1/unload_lora_adapter", json={"lora_name": "ref"}).raise_for_status()
         assert len(set(reference.values())) == N_ADAPTERS
         redis = Redis.from_url(REDIS_URL)
-        yield Stack(gateways, servers, keys, adapters, reference, redis, prefix, tiny)
+        yield Stack(gateways, servers, keys, adapters, reference, redis, prefix, tiny, env)
         redis.close()
     finally:
         for p in procs:

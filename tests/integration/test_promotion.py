@@ -4,13 +4,12 @@ the LoRA path again. The worker is the real `lora-gateway worker` process; the d
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -20,7 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ADMIN_KEY, REPO_ROOT, Gateway, upload, vllm_venv
+from tests.integration.conftest import (
+    Gateway,
+    start_worker,
+    stop_deployments,
+    stop_process,
+    upload,
+    vllm_venv,
+)
 
 pytestmark = pytest.mark.vllm
 PROMPT = "The gateway routes each request to"
@@ -28,33 +34,14 @@ PROMPT = "The gateway routes each request to"
 
 @pytest.fixture(scope="module")
 def worker(gateway: Gateway) -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env |= {
-        "GATEWAY_DATA_DIR": str(gateway.data_dir),
-        "GATEWAY_ADMIN_API_KEY": ADMIN_KEY,
-        "GATEWAY_LOCAL_VLLM_PYTHON": str(vllm_venv() / "bin" / "python"),
-        # float32 keeps the deployment's greedy output identical to the LoRA path's on the CPU.
-        "GATEWAY_LOCAL_VLLM_ARGS": "--dtype float32",
-        "GATEWAY_JOB_LEASE_S": "6",
-        "GATEWAY_WORKER_POLL_S": "0.2",
-        "GATEWAY_DEPLOY_READY_TIMEOUT_S": "240",
-        "GATEWAY_DEMOTE_DRAIN_S": "10",
-        # A second vLLM CPU server on this machine: leave thread binding to the OS (see fleet.py).
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    }
-    log = gateway.data_dir / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
-        )
+    vllm_venv()  # skips without the vLLM CPU build
+    proc = start_worker(gateway.data_dir)
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
+        db_url = f"sqlite+aiosqlite:///{(gateway.data_dir / 'gateway.db').resolve()}"
+        asyncio.run(stop_deployments(db_url))  # after a failure: no deployment outlives the tests
 
 
 def wait_job(admin: httpx.Client, job_id: str, timeout_s: float = 300) -> dict[str, Any]:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import SessionDep, SettingsDep
 from app.promotion import schemas, service
+from app.promotion.advice import Advice, AdviceParams, advise
 from app.registry.schemas import Page
+from app.traffic import TrafficMeter
 
 router = APIRouter(tags=["promotions"])
 
@@ -20,6 +24,19 @@ router = APIRouter(tags=["promotions"])
 @router.post("/adapters/{adapter}/promotions", status_code=202)
 async def create_promotion(adapter: str, data: schemas.PromotionCreate, session: SessionDep) -> schemas.JobRead:
     return schemas.JobRead.model_validate(await service.create_promotion(session, adapter_ref=adapter, data=data))
+
+
+@router.get("/promotions/advice")
+async def promotion_advice(
+    request: Request, session: SessionDep, params: Annotated[AdviceParams, Query()]
+) -> Advice:
+    """Adapters ranked by their share of shared-backend time over the window, each with the decision
+    tree's verdict (promote with which quantization and the expected gain, keep, or demote). Traffic is
+    summed across every gateway replica sharing Redis (one replica's own without Redis)."""
+    meter: TrafficMeter = request.state.data_path.traffic
+    window = await meter.window(params.window_s)
+    facts = await service.adapter_facts(session, window.totals.keys())
+    return advise(window, facts, params, datetime.now(UTC))
 
 
 @router.get("/jobs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ from app.registry.cache import RegistryCache
 from app.registry.snapshots import BackendView, TenantView
 from app.routing.resolve import Target, resolve
 from app.routing.router import Lease, Router
+from app.traffic import TrafficMeter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,8 +66,10 @@ class DataPath:
         router: Router,
         max_request_bytes: int,
         routes: RoutingTable | None = None,
+        traffic: TrafficMeter | None = None,
     ) -> None:
         self.cache = cache
+        self.traffic = traffic
         self.routes = routes
         self.router = router
         self.client = router.client
@@ -118,7 +122,8 @@ class DataPath:
         target = await resolve(self.cache, tenant, body.get("model"), lora_request)
         # A promoted adapter goes to its dedicated deployment (decided once, here, for the whole request),
         # unless that deployment is failing its health checks: then the LoRA path serves it.
-        promoted = self.routes.get(target.adapter.id) if self.routes is not None and target.adapter else None
+        adapter_id = target.adapter.id if target.adapter is not None else None
+        promoted = self.routes.get(adapter_id) if self.routes is not None and adapter_id is not None else None
         if promoted is not None and str(promoted.backend.id) not in self.router.unhealthy:
             target = replace(target, served_name=promoted.served_name, adapter=None)
         else:
@@ -144,6 +149,7 @@ class DataPath:
                 headers={"Retry-After": "5"},
             )
         watch = Disconnect(request.receive)  # the body is read: from here on, receive() only reports leaving
+        started = time.monotonic()
         try:
             upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload))
         except (RedisError, TimeoutError) as exc:
@@ -155,7 +161,7 @@ class DataPath:
         except BaseException:
             watch.close()
             raise
-        done = _Releaser(self.router, lease)
+        done = _Releaser(self.router, lease, self.traffic, adapter_id, promoted is not None, started)
         rewrite = _Rewriter(target)
         content_type = upstream.headers.get("Content-Type", _JSON)
         if stream and content_type.startswith("text/event-stream"):
@@ -229,15 +235,41 @@ class DataPath:
 
 
 class _Releaser:
-    """Gives the request's lease back exactly once, when the response is over (however it ends)."""
+    """Gives the request's lease back exactly once, when the response is over (however it ends), and
+    adds the request to the traffic the promotion advice reads (in-process sums: no I/O here)."""
 
-    __slots__ = ("lease", "router")
+    __slots__ = ("adapter", "dedicated", "lease", "router", "started", "traffic", "usage")
 
-    def __init__(self, router: Router, lease: Lease) -> None:
-        self.router, self.lease = router, lease
+    def __init__(
+        self,
+        router: Router,
+        lease: Lease,
+        traffic: TrafficMeter | None,
+        adapter: uuid.UUID | None,
+        dedicated: bool,
+        started: float,
+    ) -> None:
+        self.router, self.lease, self.traffic = router, lease, traffic
+        self.adapter, self.dedicated, self.started = adapter, dedicated, started
+        self.usage: dict[str, Any] | None = None
+
+    def used(self, base_model: str, usage: dict[str, Any] | None) -> None:
+        """The backend's usage report for this request."""
+        metrics.record_usage(base_model, usage)
+        self.usage = usage
 
     def __call__(self) -> None:
         self.router.release_nowait(self.lease)
+        if self.traffic is not None:
+            usage = self.usage or {}
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.traffic.record(
+                self.adapter,
+                seconds=time.monotonic() - self.started,
+                dedicated=self.dedicated,
+                prompt_tokens=prompt if isinstance(prompt, int) else 0,
+                completion_tokens=completion if isinstance(completion, int) else 0,
+            )
 
 
 class Disconnect:
@@ -379,7 +411,7 @@ class BufferedProxy(Response):
             return
         self.upstream.release()
         data = self.rewrite(data)
-        metrics.record_usage(self.target.base_model.name, _usage_from_body(data))
+        self.done.used(self.target.base_model.name, _usage_from_body(data))
         await _send_whole(send, 200, data, [*self.raw_headers, (b"content-length", str(len(data)).encode())])
 
 
@@ -455,7 +487,7 @@ class SseProxy(Response):
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                    metrics.record_usage(self.target.base_model.name, obj["usage"])
+                    self.done.used(self.target.base_model.name, obj["usage"])
                     if not obj.get("choices") and not self.client_wants_usage:
                         continue
             out.append(event + b"\n\n")
