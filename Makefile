@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PORT      ?= 8080
 VLLM_PORT ?= 8001
 
-.PHONY: run serve test lint venv services vllm quantizer clean
+.PHONY: run serve test lint venv services vllm quantizer gguf clean
 
 # One venv for the gateway, its tests and the tiny-model builder; vLLM gets its own (.venv-vllm).
 $(BIN)/.installed: pyproject.toml
@@ -27,6 +27,11 @@ vllm:
 # The AWQ quantizer's own venv (.venv-awq): llmcompressor's pins clash with vLLM's and the gateway's.
 quantizer:
 	bash scripts/setup-quantizer.sh
+
+# GGUF export (`lora-gateway export-gguf`): llama.cpp's converter and a CPU build of llama-cpp-python
+# (.venv-gguf, ~3.5 min the first time). Not part of `make test` (its tests skip without it).
+gguf:
+	bash scripts/setup-gguf.sh
 
 # Tiny model + two adapters (built offline), vLLM's CPU build, the gateway on SQLite, a demo tenant.
 run: venv vllm
@@ -47,4 +52,4 @@ lint: venv
 	$(BIN)/mypy app
 
 clean:
-	rm -rf $(VENV) .venv-vllm .venv-awq data
+	rm -rf $(VENV) .venv-vllm .venv-awq .venv-gguf data

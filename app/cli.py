@@ -218,6 +218,25 @@ def quantize(
     _ml_step(argv, get_settings().QUANTIZER_PYTHON)
 
 
+@app.command("export-gguf")
+def export_gguf(
+    model: Annotated[Path, typer.Argument(help="merged model folder")],
+    out: Annotated[Path, typer.Option(help="output folder (absent or empty): gets model-<TYPE>.gguf")],
+    type_: Annotated[str, typer.Option("--type", help="llama.cpp type: Q4_K_M, Q5_K_M, Q8_0, F16, ...")] = "Q4_K_M",
+    pre_tokenizer: Annotated[
+        str | None, typer.Option(help="the BPE pre-tokenizer of a tokenizer the converter does not know, e.g. gpt-2")
+    ] = None,
+    max_logprob_diff: Annotated[float | None, typer.Option(help="the gate: mean next-token log-prob difference")] = None,
+) -> None:
+    """Export a merged model to GGUF for llama.cpp (converter + quantizer in .venv-gguf), with its gate."""
+    argv = ["app.promotion.ml.gguf", "--model", str(model), "--out", str(out), "--type", type_]
+    if pre_tokenizer:
+        argv += ["--pre-tokenizer", pre_tokenizer]
+    if max_logprob_diff is not None:
+        argv += ["--max-logprob-diff", str(max_logprob_diff)]
+    _ml_step(argv, get_settings().GGUF_PYTHON)
+
+
 # --- admin client ----------------------------------------------------------------------------------------
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="GATEWAY_URL", help="Gateway base URL")]

@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     # (scripts/setup-quantizer.sh), local deployments with the vLLM venv's python.
     ML_PYTHON: str = ""
     QUANTIZER_PYTHON: str = ".venv-awq/bin/python"
+    GGUF_PYTHON: str = ".venv-gguf/bin/python"  # llama.cpp's converter and quantizer (scripts/setup-gguf.sh)
     LOCAL_VLLM_PYTHON: str = ".venv-vllm/bin/python"
     # Extra `vllm serve` arguments of local dedicated deployments (e.g. "--dtype float32" on a CPU).
     LOCAL_VLLM_ARGS: str = ""
