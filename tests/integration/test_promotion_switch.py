@@ -110,8 +110,9 @@ CALIBRATION = [
     "The shipment left the warehouse on Monday and arrives Thursday.",
     "We have applied a credit to your next invoice for the outage.",
 ]
+# acme/a2: the residency tests that share this fleet and run after this one count on a0 and a1 being cold.
 PROMOTIONS = {
-    "acme/a0": {"quantization": "none", "serve_dtype": "float32", "gates": {"served_min_exact": 1.0, "served_min_top1": 1.0}},
+    "acme/a2": {"quantization": "none", "serve_dtype": "float32", "gates": {"served_min_exact": 1.0, "served_min_top1": 1.0}},
     # AWQ under load is not in yet: its served gate outran the 600 s bound on this 2-core machine with
     # three vLLM servers busy (the awq promotion itself is covered in tests/promotion/test_quantize.py).
 }  # fmt: skip
@@ -129,9 +130,10 @@ async def chat_direct(url: str, key: str, model: str) -> str:
 
 
 async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """a0 is promoted unquantized (its merged model answers exactly as its LoRA did: the deployment's
-    request counter tells who answered) and a1 with AWQ (whose answers differ from its LoRA's: each answer
-    names its model), both while four clients call them through both gateway replicas; then both demoted."""
+    """Each adapter of PROMOTIONS is promoted, then demoted, while clients call it through both gateway
+    replicas. Unquantized, its merged model answers exactly as its LoRA did: the deployment's request
+    counter tells who answered. With AWQ (when listed) the answers differ from the LoRA's, so each answer
+    names its model."""
     data_dir = tmp_path_factory.mktemp("switch-worker")
     worker = start_worker(data_dir, {**fleet.env, "GATEWAY_DATA_DIR": str(data_dir)})
     admin = httpx.AsyncClient(
