@@ -55,9 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from app.promotion.ml import protocol
+from app.promotion.ml.protocol import InputError
 
 STEP = "gguf"
-USAGE_ERROR = 2  # argparse's own exit status for bad arguments; also used for unusable inputs
+USAGE_ERROR = protocol.USAGE_ERROR  # argparse's own exit status too
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Not measured on a trained model here (none can be had on this machine): a starting point between what
 # rounding alone costs (F16: 0.003 on the tiny test model) and what 4-bit noise costs a model with wide,
@@ -94,9 +95,6 @@ NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_X
 # Progress fractions at which each phase starts.
 _P_CONVERT, _P_QUANTIZE, _P_EVALUATE, _P_DONE = 0.0, 0.4, 0.6, 1.0
 
-
-class InputError(Exception):
-    """The arguments, inputs or environment cannot be used; exits USAGE_ERROR, nothing left behind."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +246,7 @@ def _check_inputs(args: argparse.Namespace) -> list[str]:
             raise InputError(
                 f"unknown pre-tokenizer {args.pre_tokenizer!r}; the converter knows: {', '.join(sorted(known))}"
             )
-    return _read_texts(args.heldout)
+    return protocol.read_texts(args.heldout)
 
 
 def known_pre_tokenizers(converter_dir: Path) -> set[str]:
@@ -259,16 +257,6 @@ def known_pre_tokenizers(converter_dir: Path) -> set[str]:
         names.update(re.findall(r'^\s+res = "([\w.+-]+)"', source.read_text(encoding="utf-8"), re.MULTILINE))
     return names
 
-
-def _read_texts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    texts = [line.strip().replace("\\n", "\n") for line in lines if line.strip()]
-    if not texts:
-        raise InputError(f"{path} has no texts")
-    return texts
 
 
 def _isolate_environment() -> None:

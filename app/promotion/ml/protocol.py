@@ -13,10 +13,28 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 GATE_FAILED = 3
+USAGE_ERROR = 2  # bad arguments or inputs (argparse's own status too): nothing was produced
 EVENT_PREFIX = "@@lgw "  # marks protocol lines: libraries print to stdout too (tqdm, llm-compressor)
+
+
+class InputError(Exception):
+    """A step's arguments or input files cannot be used; it exits USAGE_ERROR with nothing left behind."""
+
+
+def read_texts(path: Path) -> list[str]:
+    """Non-empty lines of a text file (a literal \\n in a line stands for a newline)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    texts = [line.strip().replace("\\n", "\n") for line in lines if line.strip()]
+    if not texts:
+        raise InputError(f"{path} has no texts")
+    return texts
 
 
 class GateFailed(Exception):

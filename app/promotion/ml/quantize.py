@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.promotion.ml import protocol
+from app.promotion.ml.protocol import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,7 @@ STEP = "quantize"
 SCHEME = "W4A16_ASYM"
 GROUP_SIZE = 128  # W4A16_ASYM's group size in compressed-tensors 0.19; checked against the saved config
 IGNORE = ("lm_head",)
-USAGE_ERROR = 2  # argparse's own exit status for bad arguments; also used for unusable inputs
+USAGE_ERROR = protocol.USAGE_ERROR  # argparse's own exit status too
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 # Files copied verbatim from the merged model so the tokenizer and chat template vLLM sees are exactly
@@ -75,9 +76,6 @@ _TOKENIZER_GLOBS = ("*.tiktoken",)
 # Progress fractions at which each phase starts.
 _P_LOAD, _P_CALIBRATE, _P_SAVE, _P_EVALUATE, _P_DONE = 0.0, 0.05, 0.75, 0.8, 1.0
 
-
-class InputError(Exception):
-    """The arguments or input files cannot be used; exits USAGE_ERROR before anything is quantized."""
 
 
 @dataclass(frozen=True)
@@ -167,11 +165,11 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise InputError(f"{args.out} exists and is not an empty directory")
     if args.num_calibration < 1 or args.max_seq_len < 2:
         raise InputError("--num-calibration must be >= 1 and --max-seq-len >= 2")
-    heldout = _read_texts(args.heldout)
+    heldout = protocol.read_texts(args.heldout)
     # The gate must measure texts the quantizer never saw: a calibration text that is also held out
     # (say, one a caller sent) is left out of calibration rather than failing the run.
     held = set(heldout)
-    given = _read_texts(args.calibration)
+    given = protocol.read_texts(args.calibration)
     unseen = [text for text in given if text not in held]
     if len(unseen) < len(given):
         _say(f"{len(given) - len(unseen)} calibration text(s) are also held out: left out of calibration")
@@ -180,16 +178,6 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise InputError(f"no calibration texts left in {args.calibration} once held-out texts are left out")
     return calibration, heldout
 
-
-def _read_texts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    texts = [line.strip().replace("\\n", "\n") for line in lines if line.strip()]
-    if not texts:
-        raise InputError(f"{path} has no texts")
-    return texts
 
 
 def _isolate_environment(device: str) -> None:
