@@ -29,7 +29,7 @@ quantizer:
 	bash scripts/setup-quantizer.sh
 
 # GGUF export (`lora-gateway export-gguf`): llama.cpp's converter and a CPU build of llama-cpp-python
-# (.venv-gguf, ~3.5 min the first time). Not part of `make test` (its tests skip without it).
+# (.venv-gguf, ~3.5 min the first time; the compiled wheel is cached for the next venv). Built by `make test`.
 gguf:
 	bash scripts/setup-gguf.sh
 
@@ -43,7 +43,7 @@ serve: venv
 	$(BIN)/lora-gateway migrate
 	$(BIN)/lora-gateway serve
 
-test: venv services vllm quantizer
+test: venv services vllm quantizer gguf
 	$(BIN)/ruff check app tests migrations
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     K8S_STEP_PYTHON: str = "python"
     K8S_STEP_QUANTIZER_PYTHON: str = ""  # the quantizer's interpreter in its image (its pins clash)
     K8S_STEP_QUANTIZER_IMAGE: str = ""
+    K8S_STEP_GGUF_PYTHON: str = ""  # the GGUF exporter's interpreter in its image (llama.cpp's converter)
+    K8S_STEP_GGUF_IMAGE: str = ""
     K8S_STEP_GPUS: int = Field(1, ge=0)
     K8S_STEP_CPU: str = ""
     K8S_STEP_MEMORY: str = ""

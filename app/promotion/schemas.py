@@ -6,9 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.db.models import DeploymentState, JobState
+from app.promotion.ml import gguf  # standard library only: the type names, no llama.cpp
+from app.promotion.ml.protocol import InputError
 
 _MAX_TEXTS = 1024
 _MAX_TEXT_CHARS = 16_384
@@ -22,6 +24,9 @@ class Gates(BaseModel):
     max_kl: float = Field(0.02, gt=0, le=10, description="quantize: mean KL(merged || quantized)")
     min_top1: float = Field(0.95, ge=0, le=1, description="quantize: top-1 agreement with the merged model")
     served_min_top1: float = Field(0.95, ge=0, le=1, description="verify: top-1 agreement with the LoRA path")
+    gguf_max_logprob_diff: float = Field(
+        0.15, gt=0, le=100, description="gguf: mean |log p| change of the actual next token against the merged model"
+    )
     served_min_exact: float | None = Field(
         None, ge=0, le=1, description="verify: share of prompts whose greedy answer is the LoRA path's "
         "(default 0.75 for quantization none, 0 for awq)",
@@ -29,8 +34,24 @@ class Gates(BaseModel):
 
 
 class GgufOptions(BaseModel):
+    """A GGUF file of the merged model for llama.cpp users, made beside the promotion (never served by it)."""
+
     model_config = ConfigDict(extra="forbid")
-    quant_type: Literal["F16", "Q8_0", "Q5_K_M", "Q4_K_M"] = "Q4_K_M"
+    quant_type: str = Field(
+        "Q4_K_M", max_length=16, description="a llama.cpp type: F16, BF16, F32, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ..."
+    )
+    pre_tokenizer: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        description="llama.cpp pre-tokenizer name for a BPE tokenizer the converter does not recognise (e.g. gpt-2)",
+    )  # fmt: skip
+
+    @field_validator("quant_type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        try:
+            return gguf.canonical_type(value)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class PromotionCreate(BaseModel):

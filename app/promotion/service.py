@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Adapter, AdapterState, Deployment, DeploymentState, Job, Tenant
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, NotFound
 from app.promotion import jobs, schemas
 from app.promotion.advice import AdapterFacts
 from app.registry.service import parse_uuid
@@ -28,8 +28,6 @@ async def _adapter(session: AsyncSession, ref: str) -> Adapter:
 
 async def create_promotion(session: AsyncSession, *, adapter_ref: str, data: schemas.PromotionCreate) -> Job:
     adapter = await _adapter(session, adapter_ref)
-    if data.gguf is not None:
-        raise InvalidRequest("GGUF export is not available in this version of the gateway", param="gguf")
     busy = await session.scalar(
         select(Job.id).where(Job.adapter_id == adapter.id, Job.state.in_(jobs.ACTIVE_STATES)).limit(1)
     )

@@ -1,6 +1,6 @@
 """`lora-gateway worker`: claims promotion and demotion jobs and runs their steps.
 
-Promotion: merge -> quantize (awq only) -> launch -> verify (served gate) -> switch. Each step before the
+Promotion: merge -> gguf (when asked for; a side artifact) -> quantize (awq only) -> launch -> verify (served gate) -> switch. Each step before the
 switch has a gate; a failed gate, a crash, a cancel or a timeout stops the job with nothing switched and
 the deployment (if one was started) stopped. Steps are idempotent: merge and quantize outputs are
 content-addressed artifacts (reused by a retry), a launched deployment is recorded before it is waited
@@ -73,6 +73,7 @@ class WorkerConfig:
     deployment_artifact_root: str  # the artifact store's path as deployments see it
     ml_python: str = sys.executable
     quantizer_python: str = ".venv-awq/bin/python"
+    gguf_python: str = ".venv-gguf/bin/python"
     lease_s: float = 30.0
     poll_s: float = 1.0
     max_attempts: int = 3
@@ -88,6 +89,7 @@ DEFAULT_GATES: dict[str, float] = {
     "max_kl": 0.02,
     "min_top1": 0.95,
     "served_min_top1": 0.95,
+    "gguf_max_logprob_diff": 0.15,
 }
 
 
@@ -271,6 +273,10 @@ class Worker:
         merged = await self._step(run, "merge", lambda: self._merge(run, adapter, base, gates))
         artifacts = [merged["artifact"]]
         model = merged["artifact"]
+        if params.get("gguf"):
+            # A file for llama.cpp users beside the promotion, never served by it; its gate fails the job.
+            exported = await self._step(run, "gguf", lambda: self._gguf(run, model, gates))
+            artifacts.append(exported["artifact"])
         if quantization == "awq":
             quantized = await self._step(run, "quantize", lambda: self._quantize(run, model, gates))
             artifacts.append(quantized["artifact"])
@@ -369,6 +375,23 @@ class Worker:
         finally:
             if calib is not None:
                 calib.unlink(missing_ok=True)
+        return {"artifact": artifact, **figures}
+
+    async def _gguf(self, run: _Run, merged: Artifact, gates: dict[str, float]) -> dict[str, Any]:
+        options = dict(run.job.params.get("gguf") or {})
+        quant_type, pre = str(options.get("quant_type") or "Q4_K_M"), options.get("pre_tokenizer")
+        max_diff = gates["gguf_max_logprob_diff"]
+        key = key_of(step="gguf", v=1, model=merged.sha256, type=quant_type, pre=pre, max_diff=max_diff)
+        found = self.artifacts.get("gguf", key)
+        if found is not None:
+            return {"artifact": found, "reused": True}
+        argv = [
+            self.config.gguf_python, "-m", "app.promotion.ml.gguf", "--model", str(merged.path),
+            "--type", quant_type, "--max-logprob-diff", str(max_diff),
+        ]  # fmt: skip
+        if pre:
+            argv += ["--pre-tokenizer", str(pre)]
+        artifact, figures = await self._ml(run, "gguf", key, argv)
         return {"artifact": artifact, **figures}
 
     def _deployment_path(self, artifact: Artifact) -> str:
@@ -634,14 +657,18 @@ def step_runner_from_settings(settings: Settings) -> StepRunner:
         StepJobConfig(
             path_map=path_map,
             python=settings.K8S_STEP_PYTHON,
-            python_by_step={"quantize": settings.K8S_STEP_QUANTIZER_PYTHON} if settings.K8S_STEP_QUANTIZER_PYTHON else {},
-            image_by_step={"quantize": settings.K8S_STEP_QUANTIZER_IMAGE} if settings.K8S_STEP_QUANTIZER_IMAGE else {},
+            python_by_step=_by_step(quantize=settings.K8S_STEP_QUANTIZER_PYTHON, gguf=settings.K8S_STEP_GGUF_PYTHON),
+            image_by_step=_by_step(quantize=settings.K8S_STEP_QUANTIZER_IMAGE, gguf=settings.K8S_STEP_GGUF_IMAGE),
             gpus=settings.K8S_STEP_GPUS,
             cpu=settings.K8S_STEP_CPU or None,
             memory=settings.K8S_STEP_MEMORY or None,
         ),
     )
     return cast(StepRunner, runner.run_step)
+
+
+def _by_step(**values: str) -> dict[str, str]:
+    return {step: value for step, value in values.items() if value}
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
@@ -652,6 +679,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         deployment_artifact_root=settings.DEPLOYMENT_ARTIFACT_ROOT,
         ml_python=settings.ML_PYTHON or sys.executable,
         quantizer_python=settings.QUANTIZER_PYTHON,
+        gguf_python=settings.GGUF_PYTHON,
         lease_s=settings.JOB_LEASE_S,
         poll_s=settings.WORKER_POLL_S,
         max_attempts=settings.JOB_MAX_ATTEMPTS,

@@ -125,6 +125,25 @@ def start_gateway(
         time.sleep(0.2)
 
 
+# The tiny model's AWQ loses much more than a real one (its random weights give flat distributions: KL
+# ~0.10-0.12 and top-1 0.42-0.50 against the merged model, measured), so promotions of it loosen the
+# gates, still far from a broken quantization's (KL of whole nats, top-1 near chance: 1/512); the
+# defaults are 0.02 / 0.95.
+TINY_AWQ_GATES = {"max_kl": 0.15, "min_top1": 0.3, "served_min_top1": 0.3}
+# A short calibration set of the tenant's own (the shipped one is 65 texts): the quantizer shares two
+# cores with the vLLM servers under test here.
+CALIBRATION = [
+    "Customers write in about invoices, refunds and delivery dates.",
+    "The support agent answers politely and names the next step.",
+    "Please reset my password; the link in the email has expired.",
+    "Our order arrived damaged and we would like a replacement.",
+    "Thank you for your patience while we look into your account.",
+    "Which plan includes priority support and a dedicated manager?",
+    "The shipment left the warehouse on Monday and arrives Thursday.",
+    "We have applied a credit to your next invoice for the outage.",
+]
+
+
 def start_worker(data_dir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`lora-gateway worker` on the gateway's settings, with fast polls and short leases for tests. Local
     deployments run the vLLM CPU build eagerly (torch.compile's warm-up costs a minute on this machine);

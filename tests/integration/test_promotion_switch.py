@@ -16,7 +16,7 @@ import pytest
 
 from app.db.models import Deployment
 from app.db.session import create_engine, create_sessionmaker
-from tests.integration.conftest import ADMIN_KEY, start_worker, stop_deployments, stop_process
+from tests.integration.conftest import ADMIN_KEY, CALIBRATION, TINY_AWQ_GATES, start_worker, stop_deployments, stop_process
 from tests.integration.fleet import MSG, Stack
 
 pytestmark = pytest.mark.vllm
@@ -95,26 +95,11 @@ async def deployment_handle(url: str, dep_id: str) -> dict[str, Any]:
         await engine.dispose()
 
 
-# The tiny model's AWQ loses much more than a real one (its random weights give flat distributions: KL
-# ~0.10 and top-1 ~0.5 against the merged model), so its gates are loosened; the defaults are 0.02 / 0.95.
-AWQ_GATES = {"max_kl": 0.15, "min_top1": 0.4, "served_min_top1": 0.4}
-# A short calibration set of the tenant's own (the shipped one is 65 texts): the quantizer shares two
-# cores with three vLLM servers under load here.
-CALIBRATION = [
-    "Customers write in about invoices, refunds and delivery dates.",
-    "The support agent answers politely and names the next step.",
-    "Please reset my password; the link in the email has expired.",
-    "Our order arrived damaged and we would like a replacement.",
-    "Thank you for your patience while we look into your account.",
-    "Which plan includes priority support and a dedicated manager?",
-    "The shipment left the warehouse on Monday and arrives Thursday.",
-    "We have applied a credit to your next invoice for the outage.",
-]
-# acme/a2: the residency tests that share this fleet and run after this one count on a0 and a1 being cold.
+# acme/a2 and a4: the residency tests that share this fleet and run after this one count on a0 and a1
+# being cold.
 PROMOTIONS = {
     "acme/a2": {"quantization": "none", "serve_dtype": "float32", "gates": {"served_min_exact": 1.0, "served_min_top1": 1.0}},
-    # AWQ under load is not in yet: its served gate outran the 600 s bound on this 2-core machine with
-    # three vLLM servers busy (the awq promotion itself is covered in tests/promotion/test_quantize.py).
+    "acme/a4": {"quantization": "awq", "calibration_texts": CALIBRATION, "gates": TINY_AWQ_GATES},
 }  # fmt: skip
 
 
@@ -227,7 +212,7 @@ async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pyte
                 f" -> {quantize['size_after_bytes']} B; LoRA answer {lora!r}, AWQ answer {awq_text!r}"
             )
             assert (
-                quantize["kl"] <= AWQ_GATES["max_kl"] and quantize["top1_agreement"] >= AWQ_GATES["min_top1"]
+                quantize["kl"] <= TINY_AWQ_GATES["max_kl"] and quantize["top1_agreement"] >= TINY_AWQ_GATES["min_top1"]
             )
             assert awq_text != lora  # the AWQ model's answer tells it apart
             # Routed after the switch was observed: the quantized model's answer, every time.

@@ -46,10 +46,10 @@ STEP_TIMEOUT_S = 300
 
 
 def gguf_python() -> Path:
-    """The GGUF venv's interpreter; skips the test where there is none (`make test` builds it)."""
+    """The GGUF venv's interpreter; `make test` builds the venv, so its absence is a failure."""
     python = GGUF_VENV / "bin" / "python"
     if not python.exists():
-        pytest.skip(f"no GGUF venv at {GGUF_VENV}: run scripts/setup-gguf.sh (or set GATEWAY_GGUF_VENV)")
+        pytest.fail(f"no GGUF venv at {GGUF_VENV}: run `make gguf` (scripts/setup-gguf.sh, or set GATEWAY_GGUF_VENV)")
     return python
 
 

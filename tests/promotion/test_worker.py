@@ -84,7 +84,7 @@ async def job_of(admin: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
 def assert_nothing_half_written(settings: Settings) -> None:
     staging = settings.artifact_root / ".staging"
     assert not staging.exists() or not list(staging.iterdir())
-    for kind in ("merged", "awq"):
+    for kind in ("merged", "awq", "gguf"):
         for folder in (settings.artifact_root / kind).glob("*") if (settings.artifact_root / kind).exists() else ():
             assert (folder / "manifest.json").is_file(), f"unsealed artifact {folder}"
 
@@ -142,6 +142,46 @@ async def test_failing_gate_stops_before_anything_is_switched(
     assert not (settings.artifact_root / "merged").exists() or not list((settings.artifact_root / "merged").iterdir())
     assert_nothing_half_written(settings)
     await assert_routing_untouched(worker)
+
+
+async def test_gguf_gate_failure_stops_the_promotion_before_launch(
+    admin: httpx.AsyncClient, settings: Settings, tiny: TinyModel
+) -> None:
+    # The real GGUF step (llama.cpp's converter, in .venv-gguf) with a gate no export can meet: F16 still
+    # rounds the float32 weights. The admin asked for the file, so its failure fails the promotion.
+    adapter = await setup_adapter(admin, tiny)
+    job_id = await promote(
+        admin, adapter, gguf={"quant_type": "f16", "pre_tokenizer": "gpt-2"}, gates={"gguf_max_logprob_diff": 1e-9}
+    )
+    worker = make_worker(settings, gguf_python=str(REPO_ROOT / ".venv-gguf" / "bin" / "python"))
+    assert await worker.run_once()
+    job = await job_of(admin, job_id)
+    assert job["state"] == "failed", job
+    assert job["error"].startswith("gguf: gate failed"), job["error"]
+    assert [(s["name"], s["state"]) for s in job["steps"]] == [("merge", "done"), ("gguf", "failed")]
+    figures = job["steps"][1]["figures"]
+    assert figures["passed"] is False and figures["logprob_diff"] > 1e-9 and figures["type"] == "F16", figures
+    assert not (settings.artifact_root / "gguf").exists() or not list((settings.artifact_root / "gguf").iterdir())
+    assert (await admin.get("/admin/v1/deployments")).json()["data"] == []  # nothing launched
+    assert_nothing_half_written(settings)
+    await assert_routing_untouched(worker)
+
+
+async def test_promotion_options_are_checked_at_the_door(
+    admin: httpx.AsyncClient, settings: Settings, tiny: TinyModel
+) -> None:
+    adapter = await setup_adapter(admin, tiny)
+    for body, param in (
+        ({"gguf": {"quant_type": "Q3_XYZ"}}, "gguf.quant_type"),
+        ({"gguf": {"quant_type": "IQ2_XS"}}, "gguf.quant_type"),  # needs an importance matrix
+        ({"gguf": {"pre_tokenizer": "../../etc"}}, "gguf.pre_tokenizer"),
+        ({"gates": {"gguf_max_logprob_diff": 0}}, "gates.gguf_max_logprob_diff"),
+    ):
+        resp = await admin.post(f"/admin/v1/adapters/{adapter}/promotions", json={"quantization": "none", **body})
+        assert resp.status_code == 400, (body, resp.text)
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+    assert (await admin.get("/admin/v1/jobs")).json()["data"] == []  # nothing queued
 
 
 async def test_quantizer_crash(admin: httpx.AsyncClient, settings: Settings, tiny: TinyModel, tmp_path: Path) -> None:
