@@ -91,6 +91,8 @@ def running_fleet(root: Path) -> Iterator[Stack]:
         "GATEWAY_RECONCILE_INTERVAL_S": "1",
         # Replicas share one adapter store (a shared volume in production).
         "GATEWAY_ADAPTER_STORE": str(root / "store"),
+        # ... and, with the promotion worker, one artifact store (the admin API lists and serves it).
+        "GATEWAY_ARTIFACT_STORE": str(root / "artifacts"),
         # The default lock (60 s, loads cut off at 45 s): a CPU vLLM busy with the eviction test's long
         # requests was seen taking 28 s over one load.
         # Every request, its load included, ends by the placement wait. Two CPU vLLM servers on two

@@ -5,6 +5,8 @@ the adapter's, and the requests routed after the switch are the deployment's to 
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,7 +18,14 @@ import pytest
 
 from app.db.models import Deployment
 from app.db.session import create_engine, create_sessionmaker
-from tests.integration.conftest import ADMIN_KEY, CALIBRATION, TINY_AWQ_GATES, start_worker, stop_deployments, stop_process
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    CALIBRATION,
+    TINY_AWQ_GATES,
+    start_worker,
+    stop_deployments,
+    stop_process,
+)
 from tests.integration.fleet import MSG, Stack
 
 pytestmark = pytest.mark.vllm
@@ -99,8 +108,30 @@ async def deployment_handle(url: str, dep_id: str) -> dict[str, Any]:
 # being cold.
 PROMOTIONS = {
     "acme/a2": {"quantization": "none", "serve_dtype": "float32", "gates": {"served_min_exact": 1.0, "served_min_top1": 1.0}},
-    "acme/a4": {"quantization": "awq", "calibration_texts": CALIBRATION, "gates": TINY_AWQ_GATES},
+    "acme/a4": {"quantization": "awq", "calibration_texts": CALIBRATION, "gates": TINY_AWQ_GATES,
+                "gguf": {"quant_type": "Q8_0", "pre_tokenizer": "gpt-2"}},
 }  # fmt: skip
+
+
+async def artifact_head(admin: httpx.AsyncClient, listed: list[dict[str, Any]], kind: str) -> tuple[str, int, bytes]:
+    """Downloads the job's artifact of `kind` (a tar) and returns its one model file's name, size and first bytes."""
+    entry = next(a for a in listed if a["kind"] == kind)
+    resp = await admin.get(entry["download"])
+    assert resp.status_code == 200, resp.text
+    with tarfile.open(fileobj=io.BytesIO(resp.content)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".gguf", ".safetensors")))
+        f = tar.extractfile(member)
+        assert f is not None
+        return member.name.rsplit("/", 1)[1], member.size, f.read(4)
+
+
+async def ended_since(calls: list[Call], adapter: str, since: float, count: int = 4, timeout_s: float = 90) -> None:
+    """Waits until `count` of the adapter's calls that started after `since` have ended: under this load one
+    takes seconds, so a fixed pause may see none."""
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for c in calls if c.adapter == adapter and c.started > since) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} calls of {adapter} ended {timeout_s} s after {since}"
+        await asyncio.sleep(0.25)
 
 
 async def chat_direct(url: str, key: str, model: str) -> str:
@@ -117,26 +148,33 @@ async def chat_direct(url: str, key: str, model: str) -> str:
 async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Each adapter of PROMOTIONS is promoted, then demoted, while clients call it through both gateway
     replicas. Unquantized, its merged model answers exactly as its LoRA did: the deployment's request
-    counter tells who answered. With AWQ (when listed) the answers differ from the LoRA's, so each answer
-    names its model."""
+    counter tells who answered. With AWQ the answers differ from the LoRA's, so each answer names its
+    model; that promotion also exports a GGUF file, downloaded and checked here."""
     data_dir = tmp_path_factory.mktemp("switch-worker")
     worker = start_worker(data_dir, {**fleet.env, "GATEWAY_DATA_DIR": str(data_dir)})
     admin = httpx.AsyncClient(
         base_url=fleet.gateways[0], headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
     )
-    stop, calls = asyncio.Event(), []
-    clients = [asyncio.create_task(load(fleet, stop, calls, a, g)) for a in PROMOTIONS for g in (0, 1)]
+    calls: list[Call] = []
+    clients: list[asyncio.Task[None]] = []
+    stops: list[asyncio.Event] = []
     promoted: dict[str, dict[str, Any]] = {}
     demoted: dict[str, dict[str, Any]] = {}
     handles: dict[str, dict[str, Any]] = {}
     served_on_dedicated: dict[str, float] = {}
     read_at: dict[str, float] = {}
+    artifacts: dict[str, list[dict[str, Any]]] = {}
+    gguf_head: dict[str, tuple[str, int, bytes]] = {}
     awq_text = ""
     try:
-        await asyncio.sleep(2)
         # One after the other (one worker runs one job at a time), so that this 2-core machine runs at
-        # most one dedicated vLLM beside the two shared ones; the load goes to both adapters throughout.
+        # most one dedicated vLLM beside the two shared ones; two clients, one per replica, call the
+        # adapter from before its promotion until after its demotion.
         for adapter, options in PROMOTIONS.items():
+            calling = asyncio.Event()
+            stops.append(calling)
+            clients += [asyncio.create_task(load(fleet, calling, calls, adapter, g)) for g in (0, 1)]
+            await ended_since(calls, adapter, 0.0)
             tenant, name = adapter.split("/")
             listed = (await admin.get(f"/admin/v1/tenants/{tenant}/adapters")).json()["data"]
             adapter_id = next(a["id"] for a in listed if a["name"] == name)
@@ -150,7 +188,7 @@ async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pyte
             handle = handles[adapter] = await deployment_handle(
                 fleet.env["GATEWAY_DATABASE_URL"], job["result"]["deployment_id"]
             )
-            await asyncio.sleep(3)
+            await ended_since(calls, adapter, step_window(job, "switch")[1])
             read_at[adapter] = time.time()
             verify = next(s for s in job["steps"] if s["name"] == "verify")["figures"]
             # Its request count, less the served gate's own (a greedy and a teacher-forced one per prompt).
@@ -158,13 +196,18 @@ async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pyte
             served_on_dedicated[adapter] = served - 2 * verify["prompts"]
             if options["quantization"] == "awq":
                 awq_text = await chat_direct(handle["url"], handle["api_key"], handle["served_model_name"])
+            artifacts[adapter] = (await admin.get(f"/admin/v1/jobs/{job['id']}/artifacts")).json()["data"]
+            if "gguf" in options:
+                gguf_head[adapter] = await artifact_head(admin, artifacts[adapter], "gguf")
             resp = await admin.delete(f"/admin/v1/deployments/{job['result']['deployment_id']}")
             assert resp.status_code == 202, resp.text
             job = demoted[adapter] = await wait_job(admin, resp.json()["id"], 180)
             assert job["state"] == "succeeded", (adapter, job["error"], job["log_tail"])
-            await asyncio.sleep(2)
+            await ended_since(calls, adapter, step_window(job, "unroute")[1])
+            calling.set()
     finally:
-        stop.set()
+        for event in stops:
+            event.set()
         await asyncio.gather(*clients, return_exceptions=True)
         await admin.aclose()
         stop_process(worker)
@@ -215,6 +258,21 @@ async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pyte
                 quantize["kl"] <= TINY_AWQ_GATES["max_kl"] and quantize["top1_agreement"] >= TINY_AWQ_GATES["min_top1"]
             )
             assert awq_text != lora  # the AWQ model's answer tells it apart
-            # Routed after the switch was observed: the quantized model's answer, every time.
-            assert all(c.text == awq_text for c in after), [c.text for c in after if c.text != awq_text][:3]
+            # Routed after the switch was observed and before the demotion began: the quantized model's
+            # answer, every time (those still running at the unroute finish there); during either switch,
+            # one model's or the other's, never anything else.
+            routed = [c for c in mine if switch_end < c.started < unroute_start]
+            assert all(c.text == awq_text for c in routed), [c.text for c in routed if c.text != awq_text][:3]
+            assert all(c.text in (lora, awq_text) for c in mine)
             assert len(after) <= served_on_dedicated[adapter]
+            gguf = steps["gguf"]["figures"]
+            print(  # noqa: T201
+                f"{adapter} GGUF {gguf['type']}: logprob diff {gguf['logprob_diff']:.4f} (max {gguf['max_logprob_diff']}),"
+                f" KL {gguf['kl']:.4f}, top-1 {gguf['top1_agreement']:.3f}; {gguf['size_after_bytes']} B"
+            )
+            assert gguf["passed"] is True and gguf["tokenizer_match"] == 1.0 and gguf["logprob_diff"] <= 0.15
+            assert gguf_head[adapter] == ("model-Q8_0.gguf", gguf["size_after_bytes"], b"GGUF")
+        sizes = {a["kind"]: a["size_bytes"] for a in artifacts[adapter]}
+        expected = ["merged"] + {"awq": ["awq"], "none": []}[PROMOTIONS[adapter]["quantization"]]
+        assert sorted(sizes) == sorted(expected + (["gguf"] if "gguf" in PROMOTIONS[adapter] else []))
+        assert sizes.get("awq", 0) < sizes["merged"]
