@@ -136,7 +136,7 @@ def report(out: dict[str, Any]) -> None:
         seconds = s.get("seconds", s.get("ready_s"))
         size = s.get("bytes")
         ratio = f"{size / base:.2f}x" if size else ""
-        extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
+        extra = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in s.items()
                  if k not in ("seconds", "bytes", "mismatches") and not isinstance(v, list)}  # fmt: skip
         print(f"{name:<22}{seconds:>9.1f}{(f'{size:,}' if size else ''):>13}{ratio:>9}  {json.dumps(extra)}")  # noqa: T201
 
