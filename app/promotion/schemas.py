@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -52,6 +53,18 @@ class GgufOptions(BaseModel):
             return gguf.canonical_type(value)
         except InputError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("pre_tokenizer")
+    @classmethod
+    def _known_pre_tokenizer(cls, value: str | None) -> str | None:
+        if value is not None and value not in _pre_tokenizers():
+            raise ValueError(f"llama.cpp knows no pre-tokenizer {value!r} (e.g. gpt-2, llama-bpe, qwen2, tekken)")
+        return value
+
+
+@functools.cache
+def _pre_tokenizers() -> frozenset[str]:
+    return gguf.shipped_pre_tokenizers()
 
 
 class PromotionCreate(BaseModel):

@@ -108,6 +108,8 @@ class StepJobConfig:
     python_by_step: Mapping[str, str] = field(default_factory=dict)
     image_by_step: Mapping[str, str] = field(default_factory=dict)  # default: KubernetesConfig.worker_image
     gpus: int = 1
+    # Per step; the GGUF export runs on CPUs only (llama.cpp and torch on CPU), so it asks for none.
+    gpus_by_step: Mapping[str, int] = field(default_factory=lambda: {"gguf": 0})
     cpu: str | None = None
     memory: str | None = None
     env_allowlist: tuple[str, ...] = ENV_ALLOWLIST
@@ -262,7 +264,7 @@ class KubernetesStepRunner(KubernetesClient):
                 step,
                 command,
                 cfg,
-                gpus=steps.gpus,
+                gpus=steps.gpus_by_step.get(step, steps.gpus),
                 cpu=steps.cpu,
                 memory=steps.memory,
                 env=pod_env,

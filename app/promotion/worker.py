@@ -2,7 +2,7 @@
 
 Promotion: merge -> gguf (when asked for; a side artifact) -> quantize (awq only) -> launch -> verify (served gate) -> switch. Each step before the
 switch has a gate; a failed gate, a crash, a cancel or a timeout stops the job with nothing switched and
-the deployment (if one was started) stopped. Steps are idempotent: merge and quantize outputs are
+the deployment (if one was started) stopped. Steps are idempotent: merge, gguf and quantize outputs are
 content-addressed artifacts (reused by a retry), a launched deployment is recorded before it is waited
 for (a resumed job adopts it if it still runs). The switch is one transaction that also bumps the routing
 epoch; the job then waits until every live gateway replica serves the new epoch.
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -46,8 +49,9 @@ from app.db.models import (
 from app.promotion import jobs
 from app.promotion.artifacts import Artifact, ArtifactStore, key_of
 from app.promotion.launchers.base import DeploymentSpec, Launched, Launcher, LaunchError
+from app.promotion.ml import gguf
 from app.promotion.ml.merge import REFERENCE_FILE
-from app.promotion.ml.protocol import GateFailed
+from app.promotion.ml.protocol import USAGE_ERROR, GateFailed
 from app.promotion.routes import bump_epoch, wait_observed
 from app.promotion.runner import StepCancelled, StepRun, StepRunner, run_step
 from app.promotion.served import GateFailedWith, served_gate
@@ -229,8 +233,8 @@ class Worker:
         entry: dict[str, Any] = {"name": name, "state": "running", "started_at": jobs.now().isoformat()}
         run.steps.append(entry)
         run.step, run.progress, run.dirty = name, 0.0, True
+        started = time.monotonic()  # with the save: started_at + seconds is never before the step's end
         await self._save(run)
-        started = time.monotonic()
         try:
             out = await body()
         except BaseException as exc:
@@ -308,6 +312,8 @@ class Worker:
 
     async def _ml(self, run: _Run, kind: str, key: str, argv: list[str]) -> tuple[Artifact, dict[str, Any]]:
         """Runs one ML step into a staging folder, then seals it under its key."""
+        if self.step_runner is run_step and os.sep in argv[0] and not await asyncio.to_thread(os.path.exists, argv[0]):
+            raise JobFailed(f"this worker has no {kind} environment: {argv[0]} does not exist ({_SETUP[kind]})")
         staged = self.artifacts.staging(str(run.job.id))
         run.live = StepRun()
         try:
@@ -326,7 +332,9 @@ class Worker:
             for k in ("event", "time", "step"):
                 figures.pop(k, None)
             if step.gate_failed:
-                raise GateFailedWith(f"gate failed: {_last_line(step.log_tail)}", figures)
+                raise GateFailedWith(f"gate failed: {_reason(step.log_tail)}", figures)
+            if step.returncode == USAGE_ERROR:
+                raise JobFailed(f"the step refused its input: {_last_line(step.log_tail)}")
             if step.returncode != 0:
                 raise JobFailed(f"the step crashed (exit status {step.returncode}): {_last_line(step.log_tail)}")
             return self.artifacts.commit(kind, key, staged), figures
@@ -381,7 +389,10 @@ class Worker:
         options = dict(run.job.params.get("gguf") or {})
         quant_type, pre = str(options.get("quant_type") or "Q4_K_M"), options.get("pre_tokenizer")
         max_diff = gates["gguf_max_logprob_diff"]
-        key = key_of(step="gguf", v=1, model=merged.sha256, type=quant_type, pre=pre, max_diff=max_diff)
+        key = key_of(
+            step="gguf", v=1, model=merged.sha256, type=quant_type, pre=pre, max_diff=max_diff,
+            tool=gguf.TOOL_VERSION, heldout=_heldout_sha256(),
+        )  # fmt: skip
         found = self.artifacts.get("gguf", key)
         if found is not None:
             return {"artifact": found, "reused": True}
@@ -571,10 +582,27 @@ class Worker:
         return {"deployment_id": str(dep_id), "unroute": unrouted, "drain": drained}
 
 
+@functools.cache
+def _heldout_sha256() -> str:
+    return hashlib.sha256((gguf.DATA_DIR / "heldout.txt").read_bytes()).hexdigest()
+
+
 def _launched(handle: Mapping[str, Any]) -> Launched | None:
     if "url" not in handle or "ref" not in handle:
         return None
     return Launched(url=str(handle["url"]), ref=dict(handle["ref"]))
+
+
+_SETUP = {
+    "merged": "GATEWAY_ML_PYTHON",
+    "awq": "make quantizer, or GATEWAY_QUANTIZER_PYTHON",
+    "gguf": "make gguf, or GATEWAY_GGUF_PYTHON",
+}
+
+
+def _reason(log_tail: str) -> str:
+    """A gate's refusal as the step logged it, without its own "<step>: gate failed:" prefix."""
+    return re.sub(r"^(\w+: )?(\w+ )?gate failed: ", "", _last_line(log_tail))
 
 
 def _last_line(text: str) -> str:

@@ -218,7 +218,8 @@ async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pyte
         switch_start, switch_end = step_window(job, "switch")
         unroute_start, unroute_end = step_window(demoted[adapter], "unroute")
         failed = [c for c in mine if c.status != 200]
-        before = [c for c in mine if c.started < switch_start]
+        # A call is routed some time after it starts (authentication, parsing) and before it ends.
+        before = [c for c in mine if c.ended < switch_start]
         after = [c for c in mine if c.started > switch_end and c.ended < min(read_at[adapter], unroute_start)]
         back = [c for c in mine if c.started > unroute_end]
         steps = {s["name"]: s for s in job["steps"]}
@@ -261,18 +262,18 @@ async def test_switch_and_demote_under_load(fleet: Stack, tmp_path_factory: pyte
             # Routed after the switch was observed and before the demotion began: the quantized model's
             # answer, every time (those still running at the unroute finish there); during either switch,
             # one model's or the other's, never anything else.
-            routed = [c for c in mine if switch_end < c.started < unroute_start]
+            routed = [c for c in mine if c.started > switch_end and c.ended < unroute_start]
             assert all(c.text == awq_text for c in routed), [c.text for c in routed if c.text != awq_text][:3]
             assert all(c.text in (lora, awq_text) for c in mine)
             assert len(after) <= served_on_dedicated[adapter]
-            gguf = steps["gguf"]["figures"]
+            assert quantize["size_after_bytes"] < quantize["size_before_bytes"]
+        if "gguf" in PROMOTIONS[adapter]:
+            gguf, quant_type = steps["gguf"]["figures"], PROMOTIONS[adapter]["gguf"]["quant_type"]
             print(  # noqa: T201
                 f"{adapter} GGUF {gguf['type']}: logprob diff {gguf['logprob_diff']:.4f} (max {gguf['max_logprob_diff']}),"
                 f" KL {gguf['kl']:.4f}, top-1 {gguf['top1_agreement']:.3f}; {gguf['size_after_bytes']} B"
             )
-            assert gguf["passed"] is True and gguf["tokenizer_match"] == 1.0 and gguf["logprob_diff"] <= 0.15
-            assert gguf_head[adapter] == ("model-Q8_0.gguf", gguf["size_after_bytes"], b"GGUF")
-        sizes = {a["kind"]: a["size_bytes"] for a in artifacts[adapter]}
-        expected = ["merged"] + {"awq": ["awq"], "none": []}[PROMOTIONS[adapter]["quantization"]]
-        assert sorted(sizes) == sorted(expected + (["gguf"] if "gguf" in PROMOTIONS[adapter] else []))
-        assert sizes.get("awq", 0) < sizes["merged"]
+            assert gguf["passed"] is True and gguf["tokenizer_match"] == 1.0 and gguf["type"] == quant_type
+            assert gguf_head[adapter] == (f"model-{quant_type}.gguf", gguf["size_after_bytes"], b"GGUF")
+        kinds = ["merged", "awq"] if PROMOTIONS[adapter]["quantization"] == "awq" else ["merged"]
+        assert sorted(a["kind"] for a in artifacts[adapter]) == sorted(kinds + ["gguf"] * ("gguf" in PROMOTIONS[adapter]))

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from app.promotion.ml import protocol
+from app.promotion.ml import gguf, protocol
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GGUF_VENV = Path(os.environ.get("GATEWAY_GGUF_VENV", REPO_ROOT / ".venv-gguf"))
@@ -308,3 +308,11 @@ def test_unusable_arguments_exit_2_before_any_work(tiny_model: Path, tmp_path: P
         assert time.monotonic() - started < 20  # refused before torch or llama.cpp load
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert [p.name for p in taken.iterdir()] == ["something"]
+
+
+def test_the_names_the_api_accepts_are_the_pinned_converters() -> None:
+    # The admin API checks `pre_tokenizer` against a list shipped with the app (it has no converter);
+    # a new converter pin must come with that list regenerated.
+    share = gguf_python().parent.parent / "share" / "llama.cpp"
+    assert gguf.shipped_pre_tokenizers() == gguf.known_pre_tokenizers(share)
+    assert {"gpt-2", "llama-bpe", "qwen2"} <= gguf.shipped_pre_tokenizers()

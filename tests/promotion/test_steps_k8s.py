@@ -290,6 +290,32 @@ async def test_a_step_runs_as_a_job_with_its_events_result_and_log(
     assert fake.deletes == []
 
 
+async def test_the_gguf_step_runs_on_cpus_with_its_own_interpreter(fake: FakeKubernetesApi) -> None:
+    # llama.cpp's converter and quantizer and the gate's torch run on CPUs: the pod asks for no GPU
+    # (a GPU node could keep it pending for nothing), and runs the interpreter of the GGUF environment.
+    runner = make_runner(fake, steps=replace(STEPS, python_by_step={"gguf": "/opt/gguf/bin/python"}))
+    argv = [
+        "/work/main/.venv-gguf/bin/python", "-m", "app.promotion.ml.gguf",
+        "--model", "/srv/lgw/artifacts/merged/0011aabb", "--type", "Q4_K_M", "--max-logprob-diff", "0.15",
+        "--pre-tokenizer", "gpt-2", "--out", "/srv/lgw/artifacts/.staging/5a1c0e2f-0022ccdd",
+    ]  # fmt: skip
+    play = asyncio.create_task(Kubelet(fake).run([event("result", step="gguf", passed=True)], 0))
+    try:
+        run = await runner.run_step(argv, env=ENV, timeout_s=30, job_id=JOB_ID, attempt=1)
+    finally:
+        play.cancel()
+        runner.close()
+    assert run.returncode == 0 and run.result is not None and run.result["passed"] is True
+    (body,) = [b for m, p, b in fake.requests if m == "POST" and p.endswith("/jobs")]
+    validate(body)
+    assert body["metadata"]["name"].endswith("-gguf-1")
+    (c,) = body["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:3] == ["/opt/gguf/bin/python", "-m", "app.promotion.ml.gguf"]
+    assert c["command"][c["command"].index("--model") + 1] == "/models/artifacts/merged/0011aabb"
+    assert c["command"][c["command"].index("--out") + 1] == "/models/staging/5a1c0e2f-0022ccdd"
+    assert c["resources"] == {"requests": {"cpu": "8", "memory": "48Gi"}, "limits": {"memory": "48Gi"}}
+
+
 async def test_a_failed_gate_is_exit_status_3(runner: KubernetesStepRunner, fake: FakeKubernetesApi) -> None:
     lines = [
         event("progress", step="merge", fraction=0.5, message="comparing logits"),

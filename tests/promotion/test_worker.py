@@ -167,6 +167,22 @@ async def test_gguf_gate_failure_stops_the_promotion_before_launch(
     await assert_routing_untouched(worker)
 
 
+async def test_a_worker_without_the_gguf_environment_says_so(
+    admin: httpx.AsyncClient, settings: Settings, tiny: TinyModel, tmp_path: Path
+) -> None:
+    adapter = await setup_adapter(admin, tiny)
+    job_id = await promote(admin, adapter, gguf={"quant_type": "Q8_0"})
+    worker = make_worker(settings, gguf_python=str(tmp_path / "no-venv" / "bin" / "python"))
+    assert await worker.run_once()
+    job = await job_of(admin, job_id)
+    assert job["state"] == "failed"
+    assert job["error"].startswith("gguf: this worker has no gguf environment"), job["error"]
+    assert "make gguf" in job["error"]
+    assert [(s["name"], s["state"]) for s in job["steps"]] == [("merge", "done"), ("gguf", "failed")]
+    assert_nothing_half_written(settings)
+    await assert_routing_untouched(worker)
+
+
 async def test_promotion_options_are_checked_at_the_door(
     admin: httpx.AsyncClient, settings: Settings, tiny: TinyModel
 ) -> None:
@@ -175,6 +191,7 @@ async def test_promotion_options_are_checked_at_the_door(
         ({"gguf": {"quant_type": "Q3_XYZ"}}, "gguf.quant_type"),
         ({"gguf": {"quant_type": "IQ2_XS"}}, "gguf.quant_type"),  # needs an importance matrix
         ({"gguf": {"pre_tokenizer": "../../etc"}}, "gguf.pre_tokenizer"),
+        ({"gguf": {"pre_tokenizer": "gpt-3"}}, "gguf.pre_tokenizer"),  # well-formed, unknown to llama.cpp
         ({"gates": {"gguf_max_logprob_diff": 0}}, "gates.gguf_max_logprob_diff"),
     ):
         resp = await admin.post(f"/admin/v1/adapters/{adapter}/promotions", json={"quantization": "none", **body})

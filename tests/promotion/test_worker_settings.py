@@ -46,6 +46,9 @@ def test_kubernetes_launcher_and_step_jobs_from_settings(tmp_path: Path, monkeyp
         K8S_KUBECONFIG=str(kubeconfig),
         K8S_RUN_AS_USER=-1,
         K8S_STEPS=True,
+        K8S_STEP_QUANTIZER_PYTHON="/opt/awq/bin/python",
+        K8S_STEP_GGUF_PYTHON="/opt/gguf/bin/python",
+        K8S_STEP_GGUF_IMAGE="registry.example/lora-gateway-gguf:1",
         ARTIFACT_STORE=tmp_path / "artifacts",
         DEPLOYMENT_ARTIFACT_ROOT="/models/artifacts",
     )
@@ -59,6 +62,10 @@ def test_kubernetes_launcher_and_step_jobs_from_settings(tmp_path: Path, monkeyp
     assert isinstance(owner, KubernetesStepRunner)
     # The default path map: the artifact store as the pods mount it.
     assert owner.steps.path_map == ((str(tmp_path / "artifacts"), "/models/artifacts"),)
+    # Each ML step's own environment; unset ones (the quantizer's image) fall back to the worker's.
+    assert owner.steps.python_by_step == {"quantize": "/opt/awq/bin/python", "gguf": "/opt/gguf/bin/python"}
+    assert owner.steps.image_by_step == {"gguf": "registry.example/lora-gateway-gguf:1"}
+    assert owner.steps.gpus_by_step.get("gguf") == 0 and owner.steps.gpus == 1  # llama.cpp here runs on CPUs
 
 
 async def test_a_step_path_outside_the_mapped_roots_is_refused_before_any_api_call(tmp_path: Path) -> None:

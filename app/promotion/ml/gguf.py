@@ -249,6 +249,17 @@ def _check_inputs(args: argparse.Namespace) -> list[str]:
     return protocol.read_texts(args.heldout)
 
 
+# What the admin API checks `pre_tokenizer` against (no converter there): known_pre_tokenizers() of the
+# pinned converter (scripts/setup-gguf.sh), written out; tests/promotion/test_gguf.py compares the two.
+PRE_TOKENIZERS_FILE = DATA_DIR / "gguf-pre-tokenizers.txt"
+# Part of the step's artifact key, with the held-out texts: a new converter or quantizer writes other bytes.
+TOOL_VERSION = "llama-cpp-python 0.3.36"
+
+
+def shipped_pre_tokenizers() -> frozenset[str]:
+    return frozenset(PRE_TOKENIZERS_FILE.read_text(encoding="utf-8").split())
+
+
 def known_pre_tokenizers(converter_dir: Path) -> set[str]:
     """Every tokenizer.ggml.pre name the converter can write (the `res = "..."` of get_vocab_base_pre):
     the names llama.cpp implements."""
@@ -447,8 +458,8 @@ def evaluate(
         n_ubatch=n_ctx,
         logits_all=True,
         n_gpu_layers=0,
-        n_threads=os.cpu_count(),  # the bindings' default is half the cores
-        n_threads_batch=os.cpu_count(),
+        n_threads=_cpus(),  # the bindings' default is half the cores
+        n_threads_batch=_cpus(),
         verbose=False,
     )
     try:
@@ -499,6 +510,11 @@ def _refusal(figures: GateFigures, max_logprob_diff: float) -> str:
             "tokenizer (a wrong --pre-tokenizer?)"
         )
     return "; ".join(reasons)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's cpuset), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _say(message: str) -> None:
