@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.api import admin, health, openai
+from app.api import metrics as metrics_api
 from app.api.errors import install_error_handlers
 from app.api.openai.fastpath import FastPath
 from app.api.openai.proxy import DataPath
@@ -24,6 +25,7 @@ from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
 from app.errors import log_request_ids
 from app.lifecycle import Drain
+from app.metrics import Metrics
 from app.promotion.routes import RoutingTable
 from app.registry.cache import RegistryCache
 from app.residency.memory import MemoryResidency
@@ -112,12 +114,19 @@ def create_app(settings: Settings) -> FastPath:
             flush_s=settings.TRAFFIC_FLUSH_S,
             max_keys=settings.TRAFFIC_MAX_ADAPTERS,
         )
+        metrics = Metrics(
+            max_models=settings.METRICS_MAX_MODELS,
+            max_tenants=settings.METRICS_MAX_TENANTS,
+            tenant_label=settings.METRICS_TENANT_LABEL,
+            rerank_s=settings.METRICS_RERANK_S,
+        )
         data_path = DataPath(
             cache=cache,
             router=router,
             max_request_bytes=settings.MAX_REQUEST_BYTES,
             routes=routes,
             traffic=traffic,
+            metrics=metrics,
         )
         reconciler = Reconciler(
             sessionmaker=sessionmaker,
@@ -175,6 +184,7 @@ def create_app(settings: Settings) -> FastPath:
     _document_keys(app)
     log_request_ids()
     app.include_router(health.router)
+    app.include_router(metrics_api.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
     return FastPath(app)

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     ROUTES_POLL_S: float = Field(0.25, gt=0, le=10)
     # Merged and quantized models (content-addressed); dedicated deployments must be able to read it.
     ARTIFACT_STORE: Path | None = None
+    # /metrics (Prometheus): a bearer token it asks for (default: the admin key; tenants' keys never
+    # read it: its labels name tenants and adapters). Labels: at most METRICS_MAX_MODELS model names and
+    # METRICS_MAX_TENANTS tenants, the busiest, the rest as "other"; METRICS_TENANT_LABEL off drops it.
+    METRICS_TOKEN: SecretStr | None = None
+    METRICS_MAX_MODELS: int = Field(100, ge=1, le=10_000)
+    METRICS_MAX_TENANTS: int = Field(100, ge=1, le=10_000)
+    METRICS_TENANT_LABEL: bool = True
+    METRICS_RERANK_S: float = Field(60.0, gt=0)
     # The artifact store's path as dedicated deployments see it (default: the same path).
     DEPLOYMENT_ARTIFACT_ROOT: str | None = None
     # Interpreters of the ML steps: the merge runs where torch + transformers + peft are installed (the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.openai.proxy import ClientGone, DataPath
 from app.errors import REQUEST_ID, GatewayError, error_body
+from app.metrics import OPERATIONS, RequestFacts
 from app.outages import OUTAGES
 
 log = logging.getLogger(__name__)
@@ -23,21 +25,27 @@ log = logging.getLogger(__name__)
 HOT_ROUTES = {"/v1/chat/completions": "/v1/chat/completions", "/v1/completions": "/v1/completions"}
 
 
-async def proxy(request: Request, data_path: DataPath, route: str) -> Response:
-    """One request through the data path, as a response whatever happens."""
+async def proxy(request: Request, data_path: DataPath, route: str, facts: RequestFacts | None = None) -> Response:
+    """One request through the data path, as a response whatever happens; `facts` notes what it did."""
+    if facts is None:
+        facts = RequestFacts(OPERATIONS[route], time.monotonic())
     try:
-        return await data_path.handle(request, route)
+        return await data_path.handle(request, route, facts)
     except ClientGone:
+        facts.error_type = "client_closed"
         return Response(status_code=499)  # nobody reads it; ends the request without an error log
     except GatewayError as exc:
+        facts.error_type = exc.code or exc.type
         body = error_body(exc.message, exc.type, exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
     except Exception as exc:  # outside FastAPI: the last place to keep the envelope
         answer = OUTAGES.answer(exc)  # Postgres or Redis down: a 503, logged once per outage
         if answer is not None:
+            facts.error_type = answer.code or answer.type
             body = error_body(answer.message, answer.type, answer.param, answer.code)
             return JSONResponse(body, status_code=answer.status_code, headers=answer.headers)
         log.exception("unhandled error")
+        facts.error_type = "internal_error"
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
 
@@ -52,10 +60,13 @@ class FastPath:
         rid = _request_id(scope)
         token = REQUEST_ID.set(rid)
         header = (b"x-request-id", rid.encode())
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), header]
+                status = message["status"]
             await send(message)
 
         try:
@@ -64,8 +75,13 @@ class FastPath:
                 await self.app(scope, receive, send_with_id)
                 return
             data_path: DataPath = scope["state"]["data_path"]
-            response = await proxy(Request(scope, receive), data_path, route)
-            await response(scope, receive, send_with_id)
+            facts = RequestFacts(OPERATIONS[route], time.monotonic())
+            try:
+                response = await proxy(Request(scope, receive), data_path, route, facts)
+                await response(scope, receive, send_with_id)
+            finally:
+                # A status the client never got (it left first) is the one the response would have had.
+                data_path.metrics.observe(facts, status or 499, time.monotonic())
         finally:
             REQUEST_ID.reset(token)
 

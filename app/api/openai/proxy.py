@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app import metrics, security
+from app import security
 from app.api.openai import surface
 from app.backends.vllm import (
     BackendError,
@@ -38,6 +38,7 @@ from app.errors import (
     ServiceUnavailable,
     error_body,
 )
+from app.metrics import Metrics, RequestFacts
 from app.outages import StateUnavailable
 from app.promotion.routes import RoutingTable
 from app.registry.cache import RegistryCache
@@ -67,8 +68,10 @@ class DataPath:
         max_request_bytes: int,
         routes: RoutingTable | None = None,
         traffic: TrafficMeter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cache = cache
+        self.metrics = metrics if metrics is not None else Metrics()
         self.traffic = traffic
         self.routes = routes
         self.router = router
@@ -113,13 +116,15 @@ class DataPath:
             raise InvalidRequest("request body must be a JSON object")
         return body
 
-    async def handle(self, request: Request, route: str) -> Response:
+    async def handle(self, request: Request, route: str, facts: RequestFacts) -> Response:
         tenant = await self.authenticate(request)
+        facts.tenant = tenant.name
         body = await self.read_json(request)
         lora_request = body.pop("lora_request", None)  # the seed's way of naming an adapter
         # Only the allowlisted fields go on; the tenant's cache salt is set (app/api/openai/surface.py).
         stream = surface.check(route, body, tenant.id)
         target = await resolve(self.cache, tenant, body.get("model"), lora_request)
+        facts.model = target.public_name
         # A promoted adapter goes to its dedicated deployment (decided once, here, for the whole request),
         # unless that deployment is failing its health checks: then the LoRA path serves it.
         adapter_id = target.adapter.id if target.adapter is not None else None
@@ -151,7 +156,7 @@ class DataPath:
         watch = Disconnect(request.receive)  # the body is read: from here on, receive() only reports leaving
         started = time.monotonic()
         try:
-            upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload))
+            upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload, facts))
         except (RedisError, TimeoutError) as exc:
             watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
@@ -161,7 +166,7 @@ class DataPath:
         except BaseException:
             watch.close()
             raise
-        done = _Releaser(self.router, lease, self.traffic, adapter_id, promoted is not None, started)
+        done = _Releaser(self.router, lease, self.traffic, adapter_id, promoted is not None, started, facts)
         rewrite = _Rewriter(target)
         content_type = upstream.headers.get("Content-Type", _JSON)
         if stream and content_type.startswith("text/event-stream"):
@@ -175,20 +180,29 @@ class DataPath:
         target: Target,
         route: str,
         payload: bytes,
+        facts: RequestFacts,
     ) -> tuple[aiohttp.ClientResponse, Lease]:
         pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
         avoid: frozenset[str] = frozenset()
         # One placement wait for the request, however many attempts it takes.
         deadline = time.monotonic() + self.router.wait_timeout_s
         for attempt in (1, 2):
-            lease = await self.router.route(
-                backends,
-                target.adapter,
-                pinned=pinned,
-                tenant_cap=tenant.max_adapters_per_backend,
-                avoid=avoid,
-                deadline=deadline,
-            )
+            waited = time.monotonic()
+            try:
+                lease = await self.router.route(
+                    backends,
+                    target.adapter,
+                    pinned=pinned,
+                    tenant_cap=tenant.max_adapters_per_backend,
+                    avoid=avoid,
+                    deadline=deadline,
+                )
+            except BaseException as exc:
+                self._placed(facts, waited, type(exc).__name__)
+                raise
+            self._placed(facts, waited, "placed")
+            facts.backend = lease.backend.name
+            facts.upstream_started = time.monotonic()
             try:
                 resp = await self.client.post(
                     lease.backend.url + route,
@@ -233,12 +247,17 @@ class DataPath:
             raise _client_error(err, target)
         raise AssertionError("unreachable")
 
+    def _placed(self, facts: RequestFacts, since: float, outcome: str) -> None:
+        seconds = time.monotonic() - since
+        facts.placement_s += seconds
+        self.metrics.placed(seconds, outcome)
+
 
 class _Releaser:
     """Gives the request's lease back exactly once, when the response is over (however it ends), and
     adds the request to the traffic the promotion advice reads (in-process sums: no I/O here)."""
 
-    __slots__ = ("adapter", "dedicated", "lease", "router", "started", "traffic", "usage")
+    __slots__ = ("adapter", "dedicated", "facts", "lease", "router", "started", "traffic")
 
     def __init__(
         self,
@@ -248,27 +267,31 @@ class _Releaser:
         adapter: uuid.UUID | None,
         dedicated: bool,
         started: float,
+        facts: RequestFacts,
     ) -> None:
         self.router, self.lease, self.traffic = router, lease, traffic
         self.adapter, self.dedicated, self.started = adapter, dedicated, started
-        self.usage: dict[str, Any] | None = None
+        self.facts = facts
 
-    def used(self, base_model: str, usage: dict[str, Any] | None) -> None:
-        """The backend's usage report for this request."""
-        metrics.record_usage(base_model, usage)
-        self.usage = usage
+    def used(self, usage: dict[str, Any] | None) -> None:
+        """The backend's usage report for this request (a stream's last one counts)."""
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.facts.prompt_tokens = prompt if isinstance(prompt, int) and prompt > 0 else 0
+            self.facts.completion_tokens = completion if isinstance(completion, int) and completion > 0 else 0
 
     def __call__(self) -> None:
         self.router.release_nowait(self.lease)
+        facts = self.facts
+        if facts.upstream_ended is None:
+            facts.upstream_ended = time.monotonic()
         if self.traffic is not None:
-            usage = self.usage or {}
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             self.traffic.record(
                 self.adapter,
                 seconds=time.monotonic() - self.started,
                 dedicated=self.dedicated,
-                prompt_tokens=prompt if isinstance(prompt, int) else 0,
-                completion_tokens=completion if isinstance(completion, int) else 0,
+                prompt_tokens=facts.prompt_tokens,
+                completion_tokens=facts.completion_tokens,
             )
 
 
@@ -403,6 +426,7 @@ class BufferedProxy(Response):
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.upstream.close()
             err = BackendUnavailable(f"the backend connection failed ({type(exc).__name__})")
+            self.done.facts.error_type = err.code or err.type
             body = orjson.dumps(error_body(err.message, err.type, None, err.code))
             await _send_whole(send, 502, body, [(b"content-type", b"application/json")])
             return
@@ -410,8 +434,9 @@ class BufferedProxy(Response):
             self.upstream.close()
             return
         self.upstream.release()
+        self.done.facts.upstream_ended = time.monotonic()
         data = self.rewrite(data)
-        self.done.used(self.target.base_model.name, _usage_from_body(data))
+        self.done.used(_usage_from_body(data))
         await _send_whole(send, 200, data, [*self.raw_headers, (b"content-length", str(len(data)).encode())])
 
 
@@ -479,15 +504,18 @@ class SseProxy(Response):
             if not event:
                 continue
             if b'"error":' in event and event.startswith(b"data: {"):
-                event = _own_error(event)
-                self.errored = True
+                own = _own_error(event)
+                if own is not event:  # vLLM's error event, not text that happens to contain "error":
+                    self.errored = True
+                    self.done.facts.error_type = "backend_error"
+                event = own
             elif b'"usage":{' in event and event.startswith(b"data: {"):
                 try:
                     obj = orjson.loads(event[6:])
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                    self.done.used(self.target.base_model.name, obj["usage"])
+                    self.done.used(obj["usage"])
                     if not obj.get("choices") and not self.client_wants_usage:
                         continue
             out.append(event + b"\n\n")
@@ -500,6 +528,7 @@ class SseProxy(Response):
             self.upstream.close()
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         clean = ended = False
+        facts = self.done.facts
         try:
             buffer = b""
             try:
@@ -511,13 +540,17 @@ class SseProxy(Response):
                     block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
                     out = self._events(block)
                     if out:
+                        if facts.first_token is None:
+                            facts.first_token = time.monotonic()
                         ended = ended or _DONE in out
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 clean = True
+                facts.upstream_ended = time.monotonic()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 if self.watch.gone:
                     return  # the client left; nothing more to say to it
                 log.warning("stream from backend broke: %s", type(exc).__name__)
+                facts.error_type = "backend_error"
                 # One error event and one [DONE] per stream: what vLLM already sent is not repeated.
                 tail = b"" if ended else _DONE
                 if not ended and not self.errored:
