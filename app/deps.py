@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import security
@@ -34,12 +35,18 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[AdapterStore, Depends(get_store)]
 
 
+def require_bearer(request: Request, expected: SecretStr | None, refusal: str) -> None:
+    """The request's bearer token must be `expected` (compared in constant time); none configured: refused."""
+    token = security.bearer_token(request.headers.get("authorization"))
+    if token is None or expected is None or not security.keys_equal(token, expected.get_secret_value()):
+        raise InvalidApiKey(refusal)
+
+
 def require_admin(request: Request) -> None:
     settings: Settings = request.state.settings
-    token = security.bearer_token(request.headers.get("authorization"))
-    expected = settings.ADMIN_API_KEY
-    if token is None or expected is None or not security.keys_equal(token, expected.get_secret_value()):
-        raise InvalidApiKey("a valid admin API key is required (Authorization: Bearer <admin key>)")
+    require_bearer(
+        request, settings.ADMIN_API_KEY, "a valid admin API key is required (Authorization: Bearer <admin key>)"
+    )
 
 
 async def invalidate_caches_after_write(request: Request) -> AsyncIterator[None]:

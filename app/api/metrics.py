@@ -4,8 +4,7 @@ it with `authorization: {credentials_file: ...}` in its scrape config). Kept out
 
 from fastapi import APIRouter, Request, Response
 
-from app import security
-from app.errors import InvalidApiKey
+from app.deps import require_bearer
 from app.metrics import CONTENT_TYPE
 from app.settings import Settings
 
@@ -15,8 +14,9 @@ router = APIRouter(include_in_schema=False)
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     settings: Settings = request.state.settings
-    expected = settings.METRICS_TOKEN or settings.ADMIN_API_KEY
-    token = security.bearer_token(request.headers.get("authorization"))
-    if token is None or expected is None or not security.keys_equal(token, expected.get_secret_value()):
-        raise InvalidApiKey("/metrics needs the metrics token (Authorization: Bearer <GATEWAY_METRICS_TOKEN>)")
+    require_bearer(
+        request,
+        settings.METRICS_TOKEN or settings.ADMIN_API_KEY,
+        "/metrics needs the metrics token (Authorization: Bearer <GATEWAY_METRICS_TOKEN>)",
+    )
     return Response(request.state.data_path.metrics.scrape(), media_type=CONTENT_TYPE)

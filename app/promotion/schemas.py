@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -57,14 +56,9 @@ class GgufOptions(BaseModel):
     @field_validator("pre_tokenizer")
     @classmethod
     def _known_pre_tokenizer(cls, value: str | None) -> str | None:
-        if value is not None and value not in _pre_tokenizers():
+        if value is not None and value not in gguf.shipped_pre_tokenizers():
             raise ValueError(f"llama.cpp knows no pre-tokenizer {value!r} (e.g. gpt-2, llama-bpe, qwen2, tekken)")
         return value
-
-
-@functools.cache
-def _pre_tokenizers() -> frozenset[str]:
-    return gguf.shipped_pre_tokenizers()
 
 
 class PromotionCreate(BaseModel):

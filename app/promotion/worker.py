@@ -1,11 +1,12 @@
 """`lora-gateway worker`: claims promotion and demotion jobs and runs their steps.
 
-Promotion: merge -> gguf (when asked for; a side artifact) -> quantize (awq only) -> launch -> verify (served gate) -> switch. Each step before the
-switch has a gate; a failed gate, a crash, a cancel or a timeout stops the job with nothing switched and
-the deployment (if one was started) stopped. Steps are idempotent: merge, gguf and quantize outputs are
-content-addressed artifacts (reused by a retry), a launched deployment is recorded before it is waited
-for (a resumed job adopts it if it still runs). The switch is one transaction that also bumps the routing
-epoch; the job then waits until every live gateway replica serves the new epoch.
+Promotion: merge -> gguf (when asked for; a side artifact) -> quantize (awq only) -> launch -> verify
+(served gate) -> switch. Each step before the switch has a gate; a failed gate, a crash, a cancel or a
+timeout stops the job with nothing switched and the deployment (if one was started) stopped. Steps are
+idempotent: merge, gguf and quantize outputs are content-addressed artifacts (reused by a retry), a
+launched deployment is recorded before it is waited for (a resumed job adopts it if it still runs). The
+switch is one transaction that also bumps the routing epoch; the job then waits until every live gateway
+replica serves the new epoch.
 
 Demotion: traffic back to the LoRA path first (epoch bumped, replicas observed), then the deployment's
 running requests finish (bounded), then it stops.
@@ -54,6 +55,7 @@ from app.promotion.ml.merge import REFERENCE_FILE
 from app.promotion.ml.protocol import USAGE_ERROR, GateFailed
 from app.promotion.routes import bump_epoch, wait_observed
 from app.promotion.runner import StepCancelled, StepRun, StepRunner, run_step
+from app.promotion.schemas import Gates
 from app.promotion.served import GateFailedWith, served_gate
 from app.settings import Settings
 
@@ -88,13 +90,8 @@ class WorkerConfig:
     ml_env: Mapping[str, str] = field(default_factory=dict)
 
 
-DEFAULT_GATES: dict[str, float] = {
-    "logits_tolerance": 1e-3,
-    "max_kl": 0.02,
-    "min_top1": 0.95,
-    "served_min_top1": 0.95,
-    "gguf_max_logprob_diff": 0.15,
-}
+# The API's defaults (schemas.Gates), for jobs whose params lack a gate (queued by an older version).
+DEFAULT_GATES: dict[str, float] = {k: v for k, v in Gates().model_dump().items() if v is not None}
 
 
 @dataclass

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import re
@@ -256,6 +257,7 @@ PRE_TOKENIZERS_FILE = DATA_DIR / "gguf-pre-tokenizers.txt"
 TOOL_VERSION = "llama-cpp-python 0.3.36"
 
 
+@functools.cache
 def shipped_pre_tokenizers() -> frozenset[str]:
     return frozenset(PRE_TOKENIZERS_FILE.read_text(encoding="utf-8").split())
 
