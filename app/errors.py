@@ -49,6 +49,7 @@ class PayloadTooLarge(GatewayError):
 
 class RateLimited(GatewayError):
     status_code, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+    limit = "waiters"  # which limit refused it (gateway_rate_limited_total{limit})
 
 
 class ServiceUnavailable(GatewayError):
@@ -57,7 +58,7 @@ class ServiceUnavailable(GatewayError):
 
 # The request being served (set by the outermost ASGI layer, app.api.openai.fastpath.FastPath): every
 # response carries it as x-request-id, every error message ends with it, and the gateway's log lines
-# written while serving it start with it, so support can find the line behind a tenant's error.
+# written while serving it carry it (`request_id`), so support can find the line behind a tenant's error.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
@@ -71,8 +72,8 @@ def error_body(
 
 
 def log_request_ids() -> None:
-    """Prefix the gateway's own log lines written while serving a request with its id (once per
-    process; records of other libraries are left alone)."""
+    """Give the gateway's own log records written while serving a request its id, as `request_id`
+    (once per process; records of other libraries are left alone)."""
     base = logging.getLogRecordFactory()
     if getattr(base, "lgw_request_ids", False):
         return
@@ -80,8 +81,8 @@ def log_request_ids() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = base(*args, **kwargs)
         rid = REQUEST_ID.get()
-        if rid is not None and record.name.startswith("app."):
-            record.msg = f"[{rid}] {record.msg}"
+        if rid is not None and (record.name or "").startswith("app."):
+            record.request_id = rid  # a field of its JSON line (app.logs)
         return record
 
     factory.lgw_request_ids = True  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app import logs
 from app.api import admin, health, openai
 from app.api import metrics as metrics_api
 from app.api.errors import install_error_handlers
@@ -28,6 +29,7 @@ from app.lifecycle import Drain
 from app.metrics import Metrics
 from app.promotion.routes import RoutingTable
 from app.registry.cache import RegistryCache
+from app.residency.instrumented import InstrumentedStore
 from app.residency.memory import MemoryResidency
 from app.residency.redis_store import RedisResidency
 from app.residency.state import ResidencyStore
@@ -90,8 +92,17 @@ def create_app(settings: Settings) -> FastPath:
             if redis is not None
             else MemoryResidency(lock_ttl_s=settings.LOAD_LOCK_TTL_S, lease_ttl_s=settings.LEASE_TTL_S)
         )
+        metrics = Metrics(
+            max_models=settings.METRICS_MAX_MODELS,
+            max_tenants=settings.METRICS_MAX_TENANTS,
+            tenant_label=settings.METRICS_TENANT_LABEL,
+            rerank_s=settings.METRICS_RERANK_S,
+        )
+        metrics.watch_database(engine)
+        store = InstrumentedStore(store, metrics, "redis" if redis is not None else "memory")
         router = Router(
             store=store,
+            metrics=metrics,
             policy=placement_policy(settings),
             client=client,
             adapter_root=settings.BACKEND_ADAPTER_ROOT,
@@ -114,12 +125,6 @@ def create_app(settings: Settings) -> FastPath:
             flush_s=settings.TRAFFIC_FLUSH_S,
             max_keys=settings.TRAFFIC_MAX_ADAPTERS,
         )
-        metrics = Metrics(
-            max_models=settings.METRICS_MAX_MODELS,
-            max_tenants=settings.METRICS_MAX_TENANTS,
-            tenant_label=settings.METRICS_TENANT_LABEL,
-            rerank_s=settings.METRICS_RERANK_S,
-        )
         data_path = DataPath(
             cache=cache,
             router=router,
@@ -127,6 +132,7 @@ def create_app(settings: Settings) -> FastPath:
             routes=routes,
             traffic=traffic,
             metrics=metrics,
+            request_log=logs.RequestLog(settings.LOG_REQUESTS),
         )
         reconciler = Reconciler(
             sessionmaker=sessionmaker,
@@ -204,5 +210,7 @@ def _document_keys(app: FastAPI) -> None:
 
 
 def app_factory() -> FastPath:
-    """Entry point for `uvicorn --factory app.main:app_factory`."""
-    return create_app(get_settings())
+    """Entry point for `uvicorn --factory app.main:app_factory` (each worker process calls it)."""
+    settings = get_settings()
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    return create_app(settings)

@@ -14,11 +14,15 @@ the observations themselves, no lock beyond prometheus-client's own.
 from __future__ import annotations
 
 import heapq
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 OTHER = "other"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,6 +33,10 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # The gateway's own time per request: tens of microseconds to a few milliseconds.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+# Adapter loads: ~0.05-0.3 s on a GPU, seconds when loads contend (bench/PLACEMENT.md).
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+# One Redis or database round trip.
+CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
@@ -96,6 +104,72 @@ class RequestFacts:
     first_token: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    limit: str = ""  # the limit that refused it (a 429), e.g. "waiters"
+
+
+def multiprocess_dir() -> str | None:
+    """Where prometheus-client keeps the values of several worker processes (`serve --workers N`)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+@dataclass(slots=True)
+class BackendSample:
+    """One backend as the fleet gauges show it."""
+
+    name: str
+    base_model: str
+    up: bool
+    slots: int
+    adapters: int
+
+
+@dataclass(slots=True)
+class FleetSample:
+    """The fleet's state at a scrape: backends, the registry's adapters, promotion jobs."""
+
+    backends: list[BackendSample] = field(default_factory=list)
+    registered: dict[str, int] = field(default_factory=dict)  # base model -> adapters in the registry
+    active: dict[str, int] = field(default_factory=dict)  # base model -> adapters loaded somewhere
+    jobs: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (kind, state, step) -> jobs
+
+
+class FleetCollector(Collector):
+    """Gauges of the fleet's state, read at scrape time (from the residency store, the registry and this
+    process's health checks) rather than kept up to date on the request path. Any worker process may
+    answer a scrape: these are facts about the fleet, not about the process."""
+
+    def __init__(self) -> None:
+        self.sample: FleetSample | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        sample = self.sample
+        if sample is None:
+            return
+        where = ["backend", "base_model"]
+        up = GaugeMetricFamily("gateway_backend_up", "1 while the backend passes health checks", labels=where)
+        slots = GaugeMetricFamily("gateway_backend_slots", "GPU LoRA slots (vLLM --max-loras)", labels=where)
+        held = GaugeMetricFamily("gateway_backend_adapters", "Adapters loaded on the backend", labels=where)
+        for b in sample.backends:
+            up.add_metric([b.name, b.base_model], 1.0 if b.up else 0.0)
+            slots.add_metric([b.name, b.base_model], b.slots)
+            held.add_metric([b.name, b.base_model], b.adapters)
+        yield from (up, slots, held)
+        registered = GaugeMetricFamily(
+            "gateway_adapters_registered", "Adapters in the registry", labels=["base_model"]
+        )
+        for model, n in sample.registered.items():
+            registered.add_metric([model], n)
+        active = GaugeMetricFamily(
+            "gateway_adapters_active", "Distinct adapters loaded on some backend", labels=["base_model"]
+        )
+        for model, n in sample.active.items():
+            active.add_metric([model], n)
+        jobs = GaugeMetricFamily(
+            "gateway_promotion_jobs", "Promotion and demotion jobs by state and step", labels=["kind", "state", "step"]
+        )
+        for key, n in sorted(sample.jobs.items()):
+            jobs.add_metric(list(key), n)
+        yield from (registered, active, jobs)
 
 
 class Metrics:
@@ -109,10 +183,17 @@ class Metrics:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # Several worker processes share their values through files (prometheus-client's multiprocess
+        # mode): a series there cannot be removed, so labels are admitted and never re-ranked (at most
+        # workers x the limit values, the first-comers of each process).
+        self.multiprocess = multiprocess_dir() is not None
         self.tenant_label = tenant_label
         self.models = TopLabels(max_models, rerank_s=rerank_s)
         self.tenants = TopLabels(max_tenants, rerank_s=rerank_s)
+        self.fleet = FleetCollector()
+        self._fleet_at = -1e9
         r = self.registry
+        r.register(self.fleet)
         model = ["gen_ai_operation_name", "gen_ai_request_model"]
         self.duration = Histogram(
             "gen_ai_server_request_duration", "GenAI server request duration (the gateway's whole answer)",
@@ -144,6 +225,51 @@ class Metrics:
             "gateway_placement_wait", "Time to a backend holding the adapter (loads and queueing included)",
             ["outcome"], unit="seconds", buckets=WAIT_BUCKETS, registry=r,
         )  # fmt: skip
+        self.rate_limited = Counter(
+            "gateway_rate_limited", "Requests refused by a limit (429)",
+            ["tenant", "limit"] if tenant_label else ["limit"], registry=r,
+        )  # fmt: skip
+        # Residency: backends are registered by operators (a handful), base models fewer still.
+        self.loads = Counter(
+            "gateway_adapter_loads", "Adapter loads asked of backends, by outcome", ["backend", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.load_time = Histogram(
+            "gateway_adapter_load_duration", "Time a backend took to load an adapter (successful loads)",
+            ["backend"], unit="seconds", buckets=LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.unloads = Counter(
+            "gateway_adapter_unloads", "Adapters unloaded from backends: evicted (to make room for another) "
+            "or trimmed (over capacity after the state was repaired)", ["backend", "reason"], registry=r,
+        )  # fmt: skip
+        self.evictions = Counter(
+            "gateway_adapter_evictions", "Adapters evicted to make room for another", ["backend"], registry=r
+        )
+        self.cache = Counter(
+            "gateway_adapter_cache", "Placements by whether the adapter was live on a backend when the "
+            "request came (hit) or had to be loaded or waited for (miss)", ["result"], registry=r,
+        )  # fmt: skip
+        self.single_flight = Counter(
+            "gateway_single_flight_waits", "Requests that waited for a load another request started",
+            ["base_model"], registry=r,
+        )  # fmt: skip
+        self.waiters = Gauge(
+            "gateway_placement_waiters", "Requests waiting to be placed now", ["base_model"],
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.store_time = Histogram(
+            "gateway_store_duration", "Residency-store calls (Redis round trips, or in-process)",
+            ["store", "op"], unit="seconds", buckets=CALL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.store_failures = Counter(
+            "gateway_store_failures", "Residency-store calls that failed (Redis errors and timeouts)",
+            ["store", "op"], registry=r,
+        )  # fmt: skip
+        self.db_time = Histogram(
+            "gateway_db_duration", "Database statements", ["op"], unit="seconds", buckets=CALL_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.db_failures = Counter("gateway_db_failures", "Database statements that failed", ["op"], registry=r)
         # Labelled children, looked up once: labels() validates and locks on every call.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
@@ -159,10 +285,14 @@ class Metrics:
         op = facts.operation
         model = self.models(facts.model) if facts.model else ""
         who: tuple[str, ...] = (model,)
+        tenant: tuple[str, ...] = ()
         if self.tenant_label:
-            who = (self.tenants(facts.tenant) if facts.tenant else "", model)
+            tenant = (self.tenants(facts.tenant) if facts.tenant else "",)
+            who = (*tenant, model)
         self._child(self.requests, (*who, facts.backend, str(status), facts.error_type)).inc()
         self._child(self.duration, (op, model, facts.error_type)).observe(ended - facts.started)
+        if status == 429:
+            self._child(self.rate_limited, (*tenant, facts.limit or "other")).inc()
         if facts.prompt_tokens:
             self._child(self.tokens, (*who, "input")).inc(facts.prompt_tokens)
         if facts.completion_tokens:
@@ -181,14 +311,93 @@ class Metrics:
     def placed(self, seconds: float, outcome: str) -> None:
         self._child(self.placement, (outcome,)).observe(seconds)
 
+    # Residency events (app.routing): each is one counter increment.
+    def loaded(self, backend: str, seconds: float | None) -> None:
+        """A load ended: `seconds` it took, or None if it failed."""
+        self._child(self.loads, (backend, "ok" if seconds is not None else "failed")).inc()
+        if seconds is not None:
+            self._child(self.load_time, (backend,)).observe(seconds)
+
+    def unloaded(self, backend: str, reason: str) -> None:
+        self._child(self.unloads, (backend, reason)).inc()
+        if reason == "evicted":
+            self._child(self.evictions, (backend,)).inc()
+
+    def lookup(self, hit: bool) -> None:
+        self._child(self.cache, ("hit" if hit else "miss",)).inc()
+
+    def waited_for_load(self, base_model: str) -> None:
+        self._child(self.single_flight, (base_model,)).inc()
+
+    def waiting(self, base_model: str, delta: int) -> None:
+        self._child(self.waiters, (base_model,)).inc(delta)
+
+    def store_call(self, store: str, op: str, seconds: float, failed: bool) -> None:
+        self._child(self.store_time, (store, op)).observe(seconds)
+        if failed:
+            self._child(self.store_failures, (store, op)).inc()
+
+    def db_call(self, op: str, seconds: float | None) -> None:
+        """A statement ended: `seconds` it took, or None if it failed."""
+        if seconds is None:
+            self._child(self.db_failures, (op,)).inc()
+        else:
+            self._child(self.db_time, (op,)).observe(seconds)
+
+    def watch_database(self, engine: Any) -> None:
+        """Time every statement of an (async) SQLAlchemy engine, failures counted apart."""
+        from sqlalchemy import event
+
+        sync = getattr(engine, "sync_engine", engine)
+        ops = {"select", "insert", "update", "delete"}
+
+        def op_of(statement: str) -> str:
+            word = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else ""
+            return word if word in ops else "other"
+
+        @event.listens_for(sync, "before_cursor_execute")
+        def _before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            conn.info.setdefault("lgw_started", []).append(time.monotonic())
+
+        @event.listens_for(sync, "after_cursor_execute")
+        def _after(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            started = conn.info.get("lgw_started")
+            if started:
+                self.db_call(op_of(statement), time.monotonic() - started.pop())
+
+        @event.listens_for(sync, "handle_error")
+        def _error(context: Any) -> None:
+            started = context.connection.info.get("lgw_started") if context.connection is not None else None
+            if started:
+                started.pop()
+            self.db_call(op_of(context.statement or ""), None)
+
+    async def refresh_fleet(self, sample: Callable[[], Awaitable[FleetSample]], max_age_s: float = 5.0) -> None:
+        """Read the fleet's state for the next scrape, at most every `max_age_s` (scrapes from several
+        Prometheus replicas cost one read); a failed read keeps the last sample."""
+        now = time.monotonic()
+        if now - self._fleet_at < max_age_s:
+            return
+        self._fleet_at = now
+        self.fleet.sample = await sample()
+
     def scrape(self) -> bytes:
         """The exposition text; re-ranks the model and tenant labels first when it is time."""
+        mp = multiprocess_dir()
+        if mp is not None:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=mp)  # type: ignore[no-untyped-call]
+            registry.register(self.fleet)
+            return generate_latest(registry)
         self._drop(self.models.rerank(), "gen_ai_request_model")
         if self.tenant_label:
             self._drop(self.tenants.rerank(), "tenant")
         return generate_latest(self.registry)
 
-    def _drop(self, values: set[str], label: str) -> None:
+    def _drop(self, values: Iterable[str], label: str) -> None:
+        values = set(values)
         if not values:
             return
         for (metric, labels) in list(self._children):
@@ -200,4 +409,3 @@ class Metrics:
     def series(self) -> int:
         """How many labelled series exist now (for the cardinality bound's test and operators)."""
         return len(self._children)
-

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     METRICS_MAX_TENANTS: int = Field(100, ge=1, le=10_000)
     METRICS_TENANT_LABEL: bool = True
     METRICS_RERANK_S: float = Field(60.0, gt=0)
+    # Logs: JSON lines on stderr ("json"), readable lines ("console"), or "auto" (console at a terminal).
+    # One line per /v1 request: "all", "errors" (status >= 400), or "off"; never keys or prompt text.
+    LOG_LEVEL: str = Field("INFO", pattern="^(?i:debug|info|warning|error)$")
+    LOG_FORMAT: str = Field("auto", pattern="^(auto|json|console)$")
+    LOG_REQUESTS: str = Field("errors", pattern="^(all|errors|off)$")
     # The artifact store's path as dedicated deployments see it (default: the same path).
     DEPLOYMENT_ARTIFACT_ROOT: str | None = None
     # Interpreters of the ML steps: the merge runs where torch + transformers + peft are installed (the

@@ -4,12 +4,19 @@ tests/integration/test_metrics.py."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import RedisError
+from sqlalchemy.exc import OperationalError
 
 from app.metrics import OTHER, Metrics, RequestFacts, TopLabels
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def labels_by_name(text: bytes) -> dict[str, set[str]]:
@@ -130,3 +137,125 @@ def test_overhead_is_what_the_upstream_and_the_placement_did_not_take() -> None:
     assert abs(ttft["gen_ai_server_time_to_first_token_seconds_sum"] - 0.8) < 1e-9
     tpot = {s.name: s.value for s in families["gen_ai_server_time_per_output_token_seconds"].samples}
     assert abs(tpot["gen_ai_server_time_per_output_token_seconds_sum"] - 1.2 / 10) < 1e-9
+
+
+def families(m: Metrics) -> dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    out: dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(m.scrape().decode()):
+        for s in family.samples:
+            out[family.name][s.name, frozenset(s.labels.items())] = s.value
+    return out
+
+
+def value(m: Metrics, family: str, sample: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in families(m)[family].items() if n == sample and set(labels.items()) <= ls)
+
+
+async def test_store_calls_are_timed_and_redis_failures_counted() -> None:
+    from app.main import redis_client
+    from app.residency.instrumented import InstrumentedStore
+    from app.residency.memory import MemoryResidency
+    from app.residency.redis_store import RedisResidency
+    from app.residency.state import BackendSlots
+
+    m = Metrics()
+    slots = [BackendSlots("b0", 2, 4)]
+    memory = InstrumentedStore(MemoryResidency(), m, "memory")
+    assert await memory.touch("pool", "lgw-a", "lease-1", slots) is None
+    await memory.snapshot("pool", slots)
+    assert value(m, "gateway_store_duration_seconds", "gateway_store_duration_seconds_count", store="memory") == 2
+    # A real Redis client on a port nothing listens on: the call fails, and is counted as failed.
+    dead = redis_client("redis://127.0.0.1:9/0", 0.2)
+    try:
+        broken = InstrumentedStore(RedisResidency(dead, prefix="t-metrics"), m, "redis")
+        with pytest.raises((RedisError, OSError)):
+            await broken.touch("pool", "lgw-a", "lease-2", slots)
+    finally:
+        await dead.aclose()
+    assert value(m, "gateway_store_failures", "gateway_store_failures_total", store="redis", op="touch") == 1
+    assert value(m, "gateway_store_failures", "gateway_store_failures_total", store="memory") == 0
+    # A working Redis: timed, not failed.
+    live = redis_client(REDIS_URL, 1.0)
+    try:
+        store = InstrumentedStore(RedisResidency(live, prefix="t-metrics-live"), m, "redis")
+        await store.snapshot("pool", slots)
+    finally:
+        await live.aclose()
+    assert value(m, "gateway_store_duration_seconds", "gateway_store_duration_seconds_count", op="snapshot", store="redis") == 1
+
+
+async def test_database_statements_are_timed_and_failures_counted(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from app.db.session import create_engine
+
+    m = Metrics()
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", timeout_s=5)
+    m.watch_database(engine)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("select 1"))
+            await conn.execute(text("create table t (x int)"))
+            await conn.execute(text("insert into t values (1)"))
+            with pytest.raises(OperationalError):
+                await conn.execute(text("select * from no_such_table"))
+    finally:
+        await engine.dispose()
+    count = "gateway_db_duration_seconds_count"
+    assert value(m, "gateway_db_duration_seconds", count, op="select") == 1  # the failed one is not timed
+    assert value(m, "gateway_db_duration_seconds", count, op="insert") == 1
+    assert value(m, "gateway_db_duration_seconds", count, op="other") == 1  # create table
+    assert value(m, "gateway_db_failures", "gateway_db_failures_total", op="select") == 1
+
+
+async def test_fleet_gauges_come_from_the_last_sample_and_are_read_at_most_every_max_age() -> None:
+    from app.metrics import BackendSample, FleetSample
+
+    m = Metrics()
+    reads = 0
+
+    async def sample() -> FleetSample:
+        nonlocal reads
+        reads += 1
+        return FleetSample(
+            backends=[BackendSample("gpu-1", "llama", True, 4, 3), BackendSample("gpu-2", "llama", False, 4, 1)],
+            registered={"llama": 10},
+            active={"llama": 4},
+            jobs={("promote", "running", "quantize"): 1, ("promote", "succeeded", ""): 2},
+        )
+
+    assert "gateway_backend_up" not in families(m)  # nothing read yet: no made-up zeros
+    await m.refresh_fleet(sample, max_age_s=60)
+    await m.refresh_fleet(sample, max_age_s=60)
+    assert reads == 1
+    assert value(m, "gateway_backend_up", "gateway_backend_up", backend="gpu-1") == 1
+    assert value(m, "gateway_backend_up", "gateway_backend_up", backend="gpu-2") == 0
+    assert value(m, "gateway_backend_slots", "gateway_backend_slots") == 8
+    assert value(m, "gateway_backend_adapters", "gateway_backend_adapters", backend="gpu-1") == 3
+    assert value(m, "gateway_adapters_registered", "gateway_adapters_registered", base_model="llama") == 10
+    assert value(m, "gateway_adapters_active", "gateway_adapters_active") == 4
+    assert value(m, "gateway_promotion_jobs", "gateway_promotion_jobs", state="running", step="quantize") == 1
+
+
+def test_residency_events_and_rate_limits() -> None:
+    m = Metrics()
+    m.loaded("gpu-1", 0.2)
+    m.loaded("gpu-1", None)
+    m.unloaded("gpu-1", "evicted")
+    m.unloaded("gpu-1", "trimmed")
+    m.lookup(hit=True)
+    m.lookup(hit=False)
+    m.waited_for_load("llama")
+    m.waiting("llama", 1)
+    m.waiting("llama", 1)
+    m.waiting("llama", -1)
+    request(m, "acme", "support", status=429)
+    assert value(m, "gateway_adapter_loads", "gateway_adapter_loads_total", outcome="ok") == 1
+    assert value(m, "gateway_adapter_loads", "gateway_adapter_loads_total", outcome="failed") == 1
+    assert value(m, "gateway_adapter_load_duration_seconds", "gateway_adapter_load_duration_seconds_count") == 1
+    assert value(m, "gateway_adapter_evictions", "gateway_adapter_evictions_total") == 1
+    assert value(m, "gateway_adapter_unloads", "gateway_adapter_unloads_total") == 2
+    assert value(m, "gateway_adapter_cache", "gateway_adapter_cache_total", result="hit") == 1
+    assert value(m, "gateway_single_flight_waits", "gateway_single_flight_waits_total") == 1
+    assert value(m, "gateway_placement_waiters", "gateway_placement_waiters", base_model="llama") == 1
+    assert value(m, "gateway_rate_limited", "gateway_rate_limited_total", tenant="acme") == 1

@@ -104,6 +104,7 @@ class Reconciler:
                     await self.router.client.unload_adapter(
                         backend.url, victim, backend=backend.name, token=backend.api_key
                     )
+                    self.router.metrics.unloaded(backend.name, "trimmed")
             except BackendUnavailable:
                 reachable = False  # down: what was not unloaded shows up in its listing again
             except Exception:

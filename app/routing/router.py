@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from app.backends.vllm import BackendUnavailable, VllmClient
 from app.errors import RateLimited, ServiceUnavailable
+from app.metrics import Metrics
 from app.outages import OUTAGES
 from app.registry.snapshots import AdapterView, BackendView
 from app.residency.state import BackendSlots, BackendState, Outcome, ResidencyStore
@@ -84,8 +85,10 @@ class Router:
         max_waiters: int = 1024,
         tenant_share: float = 0.5,
         redis_outage: str = "closed",
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
         self.policy = policy
         self.client = client
         self._adapter_root = PurePosixPath(adapter_root)
@@ -116,6 +119,7 @@ class Router:
         # the policy for every waiter, oldest first, whenever this process releases a lease or finishes a
         # load there, and every `tick_s` (for what other replicas change).
         self._queues: dict[str, _Queue] = {}
+        self._pool_names: dict[str, str] = {}  # pool -> its base model's name (the metrics' label)
         self.tick_s = tick_s
         # With a shared store each process publishes its waiters and reads the others' (every tick while
         # anything waits anywhere, else every `idle_tick_s`), so that draining is fleet-wide: the policy
@@ -204,6 +208,7 @@ class Router:
             if self.policy.prefers_live and not self._waiting.get(pool) and not self._others.get(pool):
                 got = await self.store.touch(pool, name, lease_id, slots)
                 if got is not None:
+                    self.metrics.lookup(hit=True)
                     return self._hold(Lease(pool, by_id[got], name, lease_id))
             return await self._place(
                 pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids, deadline
@@ -245,6 +250,9 @@ class Router:
         queued = False  # admitted to the pool's queue once; a later turn that came to nothing re-queues
         refused: set[str] = set()  # backends that refused this request's load: never asked twice
         now = True  # decide on a fresh snapshot now; else wait for the dispatcher's word
+        first = True  # the first decision: a USE there is a cache hit, anything else a miss
+        others_load = False  # it was seen loading on a backend by another request (single flight)
+        base_model = self._pool_names[pool] = adapter.base_model.name
         while True:
             # A backend that refused this request's load is out of its choice from then on, the
             # dispatcher's included: handed a turn there again, it would spin until its deadline.
@@ -255,7 +263,11 @@ class Router:
             if now:
                 if time.monotonic() > deadline:
                     raise self._waited_too_long(adapter.name)
-                decision = await self._decide(pool, request, self._healthy(candidates), started)
+                decision, loading = await self._decide(pool, request, self._healthy(candidates), started)
+                others_load = others_load or loading
+                if first:
+                    first = False
+                    self.metrics.lookup(hit=decision.action is Action.USE)
                 if decision.action is Action.LOAD and self._has_waiters(pool):
                     # Loads are scarce (one at a time per backend): older waiters get them first, in
                     # the dispatcher's oldest-first pass, not a request that just arrived.
@@ -272,6 +284,8 @@ class Router:
             now = False
             if decision.action is Action.USE and decision.backend is not None:
                 if await self.store.acquire(pool, decision.backend, name, lease_id):
+                    if others_load:
+                        self.metrics.waited_for_load(base_model)
                     return self._hold(Lease(pool, by_id[decision.backend], name, lease_id))
                 # Evicted or forgotten meanwhile: wait for the dispatcher's next word.
             elif decision.action is Action.LOAD and decision.backend is not None:
@@ -303,6 +317,9 @@ class Router:
                     now = True  # fenced out (our lock expired, someone else owns the load) or marked down
                 elif r.outcome is Outcome.LIVE:
                     now = True  # loaded meanwhile: decide again, without waiting
+                    others_load = True
+                elif r.outcome is Outcome.BUSY:
+                    others_load = True
 
     def _has_waiters(self, pool: str) -> bool:
         q = self._queues.get(pool)
@@ -326,11 +343,13 @@ class Router:
 
     async def _decide(
         self, pool: str, request: Request, slots: list[BackendSlots], started: float
-    ) -> Decision:
+    ) -> tuple[Decision, bool]:
+        """The policy's decision on a fresh snapshot, and whether the adapter is loading somewhere."""
         snapshot = await self.store.snapshot(pool, slots)
         if self._others.get(pool):
             request = dataclasses.replace(request, waiting=self._view(pool))
-        return self.policy.decide(self._overfilled(request, started, time.monotonic()), snapshot)
+        loading = any(request.adapter in b.loading for b in snapshot)
+        return self.policy.decide(self._overfilled(request, started, time.monotonic()), snapshot), loading
 
     def _view(self, pool: str) -> Counter[str]:
         """The waiting requests the policy counts: this process's, plus the others' as last read."""
@@ -370,6 +389,8 @@ class Router:
             at -= 1
         q.waiters.insert(at, waiter)
         self._waiting[pool][request.adapter] += 1
+        label = self._pool_names.get(pool, "")
+        self.metrics.waiting(label, 1)
         if q.task is None or q.task.done():
             q.task = asyncio.create_task(self._dispatch(pool, q))
         elif self.store.shared:
@@ -379,6 +400,7 @@ class Router:
         except TimeoutError:
             raise self._waited_too_long(shown) from None
         finally:
+            self.metrics.waiting(label, -1)
             if not waiter.turn.done() or waiter.turn.cancelled():
                 self._uncount(pool, request.adapter)  # left without a turn (timeout, disconnect)
                 waiter.turn.cancel()
@@ -586,21 +608,32 @@ class Router:
                         token=backend.api_key,
                         timeout_s=until - time.monotonic(),
                     )
-                    log.info("evicted %s from %s", victim, backend.name)
+                    self.metrics.unloaded(backend.name, "evicted")
+                    log.info("adapter evicted", extra={"adapter": victim, "backend": backend.name})
                 finally:
                     await self.store.evicted(pool, str(backend.id), victim)
-            await self.client.load_adapter(
-                backend.url,
-                name,
-                self.adapter_path(adapter),
-                backend=backend.name,
-                token=backend.api_key,
-                timeout_s=max(until - time.monotonic(), 0.001),
-            )
+            began = time.monotonic()
+            try:
+                await self.client.load_adapter(
+                    backend.url,
+                    name,
+                    self.adapter_path(adapter),
+                    backend=backend.name,
+                    token=backend.api_key,
+                    timeout_s=max(until - time.monotonic(), 0.001),
+                )
+            except Exception:
+                self.metrics.loaded(backend.name, None)
+                raise
         except BaseException:
             await asyncio.shield(self.store.abort(pool, str(backend.id), name, token))
             raise
-        log.info("loaded %s on %s", name, backend.name)
+        took = time.monotonic() - began
+        self.metrics.loaded(backend.name, took)
+        log.info(
+            "adapter loaded",
+            extra={"adapter": name, "backend": backend.name, "load_s": round(took, 4), "evicted": victim},
+        )
         return await self.store.commit(pool, str(backend.id), name, token, lease_id)
 
     def _hold(self, lease: Lease) -> Lease:

@@ -198,7 +198,7 @@ async def test_every_response_names_its_request(
     client: httpx.AsyncClient, tenant_key: str, script: Script, caplog: pytest.LogCaptureFixture
 ) -> None:
     """x-request-id on every response (the client's when well-formed, else a new one), at the end of
-    every error message, and at the start of the gateway's log lines written for the request."""
+    every error message, and on the gateway's log records written for the request."""
     auth = {"Authorization": f"Bearer {tenant_key}"}
     ok = await client.post(
         "/v1/chat/completions",
@@ -221,5 +221,9 @@ async def test_every_response_names_its_request(
             headers={**auth, "x-request-id": "trace-7"},
         )
     assert resp.status_code == 502 and resp.json()["error"]["message"].endswith("(request id: trace-7)")
-    lines = [r.getMessage() for r in caplog.records if r.name.startswith("app.")]
-    assert lines and all(line.startswith("[trace-7] ") for line in lines), lines
+    records = [r for r in caplog.records if r.name.startswith("app.")]
+    assert records and all(getattr(r, "request_id", None) == "trace-7" for r in records), records
+    # The request's own line (GATEWAY_LOG_REQUESTS=errors): its facts, never the key or the prompt.
+    (line,) = [r for r in records if r.name == "app.access"]
+    assert (line.tenant, line.model, line.status, line.error_type) == ("acme", "support", 502, "server_error")  # type: ignore[attr-defined]
+    assert tenant_key not in repr(line.__dict__) and "'hi'" not in repr(line.__dict__)

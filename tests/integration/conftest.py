@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +89,7 @@ def vllm(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmCpuServ
 
 
 def start_gateway(
-    data_dir: Path, extra_env: dict[str, str] | None = None
+    data_dir: Path, extra_env: dict[str, str] | None = None, args: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -105,7 +105,7 @@ def start_gateway(
     log = data_dir / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
+            [sys.executable, "-m", "app.cli", "serve", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

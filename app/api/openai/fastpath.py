@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.openai.proxy import ClientGone, DataPath
-from app.errors import REQUEST_ID, GatewayError, error_body
+from app.errors import REQUEST_ID, GatewayError, RateLimited, error_body
 from app.metrics import OPERATIONS, RequestFacts
 from app.outages import OUTAGES
 
@@ -36,6 +36,8 @@ async def proxy(request: Request, data_path: DataPath, route: str, facts: Reques
         return Response(status_code=499)  # nobody reads it; ends the request without an error log
     except GatewayError as exc:
         facts.error_type = exc.code or exc.type
+        if isinstance(exc, RateLimited):
+            facts.limit = exc.limit
         body = error_body(exc.message, exc.type, exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
     except Exception as exc:  # outside FastAPI: the last place to keep the envelope
@@ -81,7 +83,10 @@ class FastPath:
                 await response(scope, receive, send_with_id)
             finally:
                 # A status the client never got (it left first) is the one the response would have had.
-                data_path.metrics.observe(facts, status or 499, time.monotonic())
+                ended = time.monotonic()
+                data_path.metrics.observe(facts, status or 499, ended)
+                if data_path.request_log is not None:
+                    data_path.request_log(facts, status or 499, ended)
         finally:
             REQUEST_ID.reset(token)
 

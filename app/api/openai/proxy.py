@@ -69,9 +69,11 @@ class DataPath:
         routes: RoutingTable | None = None,
         traffic: TrafficMeter | None = None,
         metrics: Metrics | None = None,
+        request_log: Callable[[RequestFacts, int, float], None] | None = None,
     ) -> None:
         self.cache = cache
         self.metrics = metrics if metrics is not None else Metrics()
+        self.request_log = request_log
         self.traffic = traffic
         self.routes = routes
         self.router = router
