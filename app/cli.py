@@ -25,7 +25,11 @@ app.add_typer(keys_app, name="keys")
 promotions_app = typer.Typer(help="Promote hot adapters to dedicated deployments; the advice.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Promotion and demotion jobs.", no_args_is_help=True)
 deployments_app = typer.Typer(help="Dedicated deployments of promoted adapters.", no_args_is_help=True)
+backends_app = typer.Typer(help="Manage the vLLM backends the gateway places adapters on.", no_args_is_help=True)
+base_models_app = typer.Typer(help="Manage base models.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(backends_app, name="backends")
+app.add_typer(base_models_app, name="base-models")
 app.add_typer(promotions_app, name="promotions")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(deployments_app, name="deployments")
@@ -310,6 +314,33 @@ def tenants_list(url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None
         _print(_check(c.get("/tenants")))
 
 
+@tenants_app.command("delete")
+def tenants_delete(name: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """Delete a tenant, its keys and its adapters."""
+    with _client(url, admin_key) as c:
+        _check(c.delete(f"/tenants/{name}"))
+    err.print(f"tenant {name} deleted")
+
+
+@keys_app.command("list")
+def keys_list(tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List a tenant's API keys (prefix, name, last use, revocation; never the key)."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get(f"/tenants/{tenant}/api-keys")))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    tenant: str,
+    key_id: Annotated[str, typer.Argument(help="the key's id (from keys list)")],
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Revoke an API key: refused on every replica within GATEWAY_CACHE_TTL_S."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.delete(f"/tenants/{tenant}/api-keys/{key_id}")))
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None, name: str | None = None
@@ -399,6 +430,109 @@ def adapters_list(tenant: str, url: UrlOpt = "http://127.0.0.1:8080", admin_key:
     """List a tenant's adapters."""
     with _client(url, admin_key) as c:
         _print(_check(c.get(f"/tenants/{tenant}/adapters")))
+
+
+@adapters_app.command("show")
+def adapters_show(
+    adapter: Annotated[str, typer.Argument(help="adapter id, or TENANT/NAME (its newest version)")],
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """One adapter's record."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get(f"/adapters/{_adapter_id(c, adapter)}")))
+
+
+@adapters_app.command("delete")
+def adapters_delete(
+    adapter: Annotated[str, typer.Argument(help="adapter id, or TENANT/NAME (its newest version)")],
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Delete an adapter version: no longer served (every replica within GATEWAY_CACHE_TTL_S)."""
+    with _client(url, admin_key) as c:
+        adapter_id = _adapter_id(c, adapter)
+        _check(c.delete(f"/adapters/{adapter_id}"))
+    err.print(f"adapter {adapter_id} deleted")
+
+
+@base_models_app.command("list")
+def base_models_list(url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List base models."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get("/base-models")))
+
+
+@backends_app.command("list")
+def backends_list(url: UrlOpt = "http://127.0.0.1:8080", admin_key: KeyOpt = None) -> None:
+    """List backends (their API keys are never shown)."""
+    with _client(url, admin_key) as c:
+        _print(_check(c.get("/backends")))
+
+
+@backends_app.command("add")
+def backends_add(
+    name: str,
+    backend_url: Annotated[str, typer.Argument(help="the vLLM server's base URL, e.g. http://vllm-0:8000")],
+    base_model: Annotated[str, typer.Option(help="name of a registered base model")],
+    gpu_slots: Annotated[int, typer.Option(help="vLLM --max-loras")],
+    capacity: Annotated[int | None, typer.Option(help="vLLM --max-cpu-loras (default: gpu-slots)")] = None,
+    max_lora_rank: Annotated[int, typer.Option(help="vLLM --max-lora-rank")] = 16,
+    max_num_seqs: Annotated[int | None, typer.Option(help="vLLM --max-num-seqs")] = None,
+    backend_key: Annotated[
+        str | None, typer.Option(envvar="VLLM_API_KEY", help="the backend's --api-key (write-only)")
+    ] = None,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Register a vLLM server (started with --enable-lora) for a base model."""
+    body: dict[str, Any] = {
+        "name": name,
+        "url": backend_url,
+        "base_model": base_model,
+        "gpu_slots": gpu_slots,
+        "capacity": capacity,
+        "max_lora_rank": max_lora_rank,
+        "max_num_seqs": max_num_seqs,
+        "api_key": backend_key,
+    }
+    with _client(url, admin_key) as c:
+        _print(_check(c.post("/backends", json={k: v for k, v in body.items() if v is not None})))
+
+
+@backends_app.command("update")
+def backends_update(
+    backend: Annotated[str, typer.Argument(help="backend id or name")],
+    state: Annotated[str | None, typer.Option(help="active, draining or down")] = None,
+    gpu_slots: int | None = None,
+    capacity: int | None = None,
+    max_lora_rank: int | None = None,
+    max_num_seqs: int | None = None,
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Change a backend: drain it (state), or its slots and limits after restarting vLLM with new flags."""
+    body = {
+        "state": state,
+        "gpu_slots": gpu_slots,
+        "capacity": capacity,
+        "max_lora_rank": max_lora_rank,
+        "max_num_seqs": max_num_seqs,
+    }
+    with _client(url, admin_key) as c:
+        _print(_check(c.patch(f"/backends/{backend}", json={k: v for k, v in body.items() if v is not None})))
+
+
+@backends_app.command("remove")
+def backends_remove(
+    backend: Annotated[str, typer.Argument(help="backend id or name")],
+    url: UrlOpt = "http://127.0.0.1:8080",
+    admin_key: KeyOpt = None,
+) -> None:
+    """Unregister a backend (the vLLM server itself is left running)."""
+    with _client(url, admin_key) as c:
+        _check(c.delete(f"/backends/{backend}"))
+    err.print(f"backend {backend} removed")
 
 
 def _adapter_id(c: httpx.Client, ref: str) -> str:

@@ -228,3 +228,51 @@ def test_promotion_commands(gateway: tuple[str, dict[str, str]], tmp_path: Path)
     assert unknown.returncode == 1 and "has no adapter 'nope'" in unknown.stderr
     bad = cli(env, "promotions", "create", "promo/hot", "--quantization", "gptq")
     assert bad.returncode == 1 and "400" in bad.stderr
+
+
+def test_operator_commands(gateway: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """What operators do day to day: keys listed and revoked, adapters shown and deleted, backends
+    registered, drained and removed, a tenant deleted; each through the admin API, checked there."""
+    url, env = gateway
+    admin = {"Authorization": f"Bearer {(Path(env['GATEWAY_DATA_DIR']) / 'admin-api-key').read_text().strip()}"}
+    body = {"name": "tiny-llama", "path": "/m", "hidden_size": 64, "num_layers": TINY_LAYERS, "module_shapes": TINY_SHAPES}
+    assert httpx.post(f"{url}/admin/v1/base-models", json=body, headers=admin).status_code in (201, 409)
+    assert cli(env, "tenants", "create", "ops").returncode == 0
+    secret = json.loads(cli(env, "keys", "create", "ops", "--name", "ci").stdout)["key"]
+    listed = cli(env, "keys", "list", "ops")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)["data"]
+    assert entry["name"] == "ci" and secret not in listed.stdout  # the key itself is never listed
+    revoked = cli(env, "keys", "revoke", "ops", entry["id"])
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["revoked_at"]
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+
+    folder = write_adapter(tmp_path / "faq", adapter_files())
+    assert cli(env, "adapters", "upload", "ops", "faq", str(folder)).returncode == 0
+    shown = cli(env, "adapters", "show", "ops/faq")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == "faq"
+    deleted = cli(env, "adapters", "delete", "ops/faq")
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(cli(env, "adapters", "list", "ops").stdout)["data"] == []
+    assert cli(env, "adapters", "delete", "ops/faq").returncode == 1  # gone
+
+    added = cli(
+        env, "backends", "add", "cli-gpu", "http://127.0.0.1:9", "--base-model", "tiny-llama",
+        "--gpu-slots", "2", "--capacity", "4", "--backend-key", "vllm-secret-123",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    made = json.loads(added.stdout)
+    assert (made["gpu_slots"], made["capacity"], made["api_key_set"]) == (2, 4, True)
+    assert "vllm-secret-123" not in added.stdout
+    assert "cli-gpu" in {b["name"] for b in json.loads(cli(env, "backends", "list").stdout)["data"]}
+    drained = cli(env, "backends", "update", "cli-gpu", "--state", "draining")
+    assert drained.returncode == 0 and json.loads(drained.stdout)["state"] == "draining"
+    bad = cli(env, "backends", "update", "cli-gpu", "--capacity", "1")  # below its slots
+    assert bad.returncode == 1 and ("400" in bad.stderr or "422" in bad.stderr), bad.stderr
+    assert cli(env, "backends", "remove", "cli-gpu").returncode == 0
+    assert "cli-gpu" not in {b["name"] for b in json.loads(cli(env, "backends", "list").stdout)["data"]}
+    assert "tiny-llama" in {m["name"] for m in json.loads(cli(env, "base-models", "list").stdout)["data"]}
+
+    assert cli(env, "tenants", "delete", "ops").returncode == 0
+    assert "ops" not in {t["name"] for t in json.loads(cli(env, "tenants", "list").stdout)["data"]}
