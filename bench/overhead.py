@@ -463,6 +463,7 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
         cpu=str(args.gateway_cpu),
         source=args.source,
         redis_url=args.redis,
+        extra_env=dict(kv.split("=", 1) for kv in args.gateway_env),
     )
     with started(child, f"{gateway_url}/healthz") as gateway:
         admin = provision.Admin(gateway_url, admin_key)
@@ -749,6 +750,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="scheduling niceness of this run and every process it starts; e.g. -10 (root) keeps other "
         "processes on a shared machine from adding noise, at their expense",
+    )
+    p.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the gateway's, e.g. GATEWAY_LOG_REQUESTS=all (repeatable)",
     )
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument(

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,11 @@ def gateway_bin() -> Path:
 
 
 def gateway_env(
-    data_dir: Path, admin_key: str, source: Path | None = None, redis_url: str | None = None
+    data_dir: Path,
+    admin_key: str,
+    source: Path | None = None,
+    redis_url: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The gateway's environment; `source` runs the `app` package found there (another checkout)."""
     # Drop the caller's GATEWAY_* settings (a Postgres URL, another store): a run uses only its
@@ -54,6 +59,7 @@ def gateway_env(
     if source is not None:
         # PYTHONPATH is searched before the venv's editable install of this checkout.
         env["PYTHONPATH"] = str(source.resolve())
+    env.update(extra_env or {})
     return env
 
 
@@ -69,13 +75,14 @@ def gateway(
     cpu: str,
     source: Path | None = None,
     redis_url: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Child:
     """Migrate a fresh database; return (not yet started) `lora-gateway serve`, one worker on `cpu`.
 
     The working directory is the data dir, so that a developer's .env in the repository cannot
     point the run at another database.
     """
-    env = gateway_env(data_dir, admin_key, source, redis_url)
+    env = gateway_env(data_dir, admin_key, source, redis_url, extra_env)
     binary = str(gateway_bin())
     run_to_end([binary, "migrate"], env=env, cwd=data_dir, timeout_s=120)
     return Child(

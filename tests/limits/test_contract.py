@@ -1,0 +1,157 @@
+"""One contract, two limit stores: in-process and Redis (a real server) admit, refuse and settle alike;
+and the window arithmetic they share, on a clock of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from app.limits.memory import MemoryLimits
+from app.limits.redis_store import RedisLimits
+from app.limits.state import Limits, LimitStore, Scope, duration, reset_in, wait_for
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def scope(tenant: str = "t1", key: str = "tenant", **limits: int) -> Scope:
+    return Scope(f"{tenant}:{key}", tenant, Limits(**limits))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
+    if request.param == "memory":
+        yield MemoryLimits(lease_s=1.0)
+        return
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    yield RedisLimits(redis, prefix=prefix, lease_s=1.0)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_requests_per_minute(store: LimitStore) -> None:
+    s = [scope(requests_per_minute=5)]
+    remaining = []
+    for _ in range(5):
+        a = await store.admit(s, rid(), 0)
+        assert a.ok and a.requests is not None
+        remaining.append(a.requests.remaining)
+    assert remaining == [4, 3, 2, 1, 0]
+    refused = await store.admit(s, rid(), 0)
+    assert not refused.ok and refused.refused == "requests"
+    assert 0 < refused.retry_after_s <= 120
+    assert refused.requests is not None and refused.requests.remaining == 0 and refused.requests.limit == 5
+    assert refused.tokens is None  # no token limit: no token window
+
+
+async def test_tokens_are_reserved_then_settled_to_the_real_usage(store: LimitStore) -> None:
+    s = [scope(tokens_per_minute=100)]
+    first = await store.admit(s, "r1", 60)
+    assert first.ok and first.tokens is not None and first.tokens.remaining == 40
+    second = await store.admit(s, "r2", 50)
+    assert not second.ok and second.refused == "tokens"  # 60 reserved + 50 > 100
+    await store.settle(s, "r1", first.window, 20 - 60)  # it used 20 of its 60
+    third = await store.admit(s, "r3", 50)
+    assert third.ok and third.tokens is not None and third.tokens.remaining == 30
+    too_large = await store.admit(s, "r4", 101)
+    assert not too_large.ok and too_large.refused == "tokens_too_large"
+
+
+async def test_concurrency_places_are_freed_at_the_end_or_after_a_lease(store: LimitStore) -> None:
+    s = [scope(concurrent_requests=2)]
+    a, b = await store.admit(s, "a", 0), await store.admit(s, "b", 0)
+    assert a.ok and b.ok
+    c = await store.admit(s, "c", 0)
+    assert not c.ok and c.refused == "concurrency"
+    await store.settle(s, "a", a.window, 0)
+    assert (await store.admit(s, "c", 0)).ok
+    # "b" is renewed, "c" is not: after one lease (1 s) only "c"'s place is free again.
+    await asyncio.sleep(0.6)
+    await store.renew([(s, "b")])
+    await asyncio.sleep(0.6)
+    assert (await store.admit(s, "d", 0)).ok
+    assert not (await store.admit(s, "e", 0)).ok  # b and d hold both places
+
+
+async def test_admission_is_all_or_nothing_over_the_scopes(store: LimitStore) -> None:
+    tenant = scope(key="tenant", requests_per_minute=10, tokens_per_minute=1000)
+    key = scope(key="key-1", requests_per_minute=2)
+    for _ in range(2):
+        assert (await store.admit([tenant, key], rid(), 10)).ok
+    refused = await store.admit([tenant, key], rid(), 10)
+    assert not refused.ok and refused.refused == "requests"
+    assert refused.requests is not None and refused.requests.limit == 2  # the tightest scope's window
+    assert refused.tokens is not None and refused.tokens.remaining == 1000 - 20  # nothing counted
+    other_key = scope(key="key-2", requests_per_minute=2)
+    a = await store.admit([tenant, other_key], rid(), 10)
+    assert a.ok and a.requests is not None and a.requests.remaining == 1  # key-2's: 2 - 1
+    alone = await store.admit([tenant], rid(), 10)
+    assert alone.ok and alone.requests is not None and alone.requests.remaining == 10 - 4
+
+
+async def test_tenants_do_not_share_counters(store: LimitStore) -> None:
+    assert (await store.admit([scope("t1", requests_per_minute=1)], rid(), 0)).ok
+    assert not (await store.admit([scope("t1", requests_per_minute=1)], rid(), 0)).ok
+    assert (await store.admit([scope("t2", requests_per_minute=1)], rid(), 0)).ok
+
+
+async def test_replicas_on_one_redis_admit_exactly_the_limit_together() -> None:
+    """Four replicas (each its own client, as gateway processes have), 200 requests at once."""
+    clients = [Redis.from_url(REDIS_URL) for _ in range(4)]
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    replicas = [RedisLimits(c, prefix=prefix) for c in clients]
+    s = [scope(requests_per_minute=37, concurrent_requests=1000)]
+    try:
+        results = await asyncio.gather(*(replicas[i % 4].admit(s, rid(), 0) for i in range(200)))
+    finally:
+        keys = [k async for k in clients[0].scan_iter(match=f"{prefix}:*")]
+        await clients[0].delete(*keys)
+        for c in clients:
+            await c.aclose()
+    assert sum(a.ok for a in results) == 37
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_window_slides() -> None:
+    """30 s into a window: ten requests fill an rpm of 10. 30 s later (a new window) the ten still
+    count in full; 60 s later half of them have slid out, so five more fit."""
+    clock = Clock(1_000_020.0)  # 1_000_020 // 60 = 16667 windows, 0 s in: start 30 s in
+    clock.now = 16667 * 60 + 30.0
+    store = MemoryLimits(clock=clock)
+    s = [scope(requests_per_minute=10)]
+    assert all([(await store.admit(s, rid(), 0)).ok for _ in range(10)])
+    clock.now += 30.0
+    refused = await store.admit(s, rid(), 0)
+    assert not refused.ok and refused.retry_after_s == pytest.approx(6.0)  # 10 * (1 - f) <= 9: f = 0.1
+    clock.now += 30.0
+    assert [(await store.admit(s, rid(), 0)).ok for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_window_arithmetic() -> None:
+    assert wait_for(0, 0, 0.5, 1, 10) == 0
+    assert math.isinf(wait_for(0, 0, 0.0, 11, 10))
+    # All ten in the current window, half-way through: the first place frees when the next window's
+    # estimate 10 * (1 - f) drops to 9, at f = 0.1: 30 s + 6 s.
+    assert wait_for(10, 0, 0.5, 1, 10) == pytest.approx(36.0)
+    assert reset_in(10, 0, 0.5) == pytest.approx(90.0) and reset_in(0, 4, 0.25) == pytest.approx(45.0)
+    assert reset_in(0, 0, 0.3) == 0
+    assert [duration(x) for x in (0.02, 1.0, 59.2, 360.0, 61.0)] == ["20ms", "1s", "1m0s", "6m0s", "1m1s"]
