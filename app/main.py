@@ -26,7 +26,13 @@ from app.backends.vllm import VllmClient
 from app.db.session import create_engine, create_sessionmaker
 from app.errors import log_request_ids
 from app.lifecycle import Drain
+from app.limits.gate import LimitGate
+from app.limits.memory import MemoryLimits
+from app.limits.metering import UsageMeter
+from app.limits.redis_store import RedisLimits
+from app.limits.state import LimitStore
 from app.metrics import Metrics
+from app.outages import OUTAGES
 from app.promotion.routes import RoutingTable
 from app.registry.cache import RegistryCache
 from app.residency.instrumented import InstrumentedStore
@@ -125,6 +131,18 @@ def create_app(settings: Settings) -> FastPath:
             flush_s=settings.TRAFFIC_FLUSH_S,
             max_keys=settings.TRAFFIC_MAX_ADAPTERS,
         )
+        limit_store: LimitStore = (
+            RedisLimits(redis, prefix=settings.REDIS_PREFIX, lease_s=settings.LIMITS_LEASE_S)
+            if redis is not None
+            else MemoryLimits(lease_s=settings.LIMITS_LEASE_S)
+        )
+        limits = LimitGate(
+            limit_store,
+            fail_open=settings.LIMITS_REDIS_OUTAGE == "open",
+            default_max_tokens=settings.LIMITS_DEFAULT_MAX_TOKENS,
+            outage=OUTAGES.redis,
+        )
+        meter = UsageMeter(sessionmaker, flush_s=settings.USAGE_FLUSH_S)
         data_path = DataPath(
             cache=cache,
             router=router,
@@ -133,6 +151,8 @@ def create_app(settings: Settings) -> FastPath:
             traffic=traffic,
             metrics=metrics,
             request_log=logs.RequestLog(settings.LOG_REQUESTS),
+            limits=limits,
+            meter=meter,
         )
         reconciler = Reconciler(
             sessionmaker=sessionmaker,
@@ -148,6 +168,7 @@ def create_app(settings: Settings) -> FastPath:
             asyncio.create_task(reconciler.run()),
             asyncio.create_task(routes.run()),
             asyncio.create_task(traffic.run()),
+            asyncio.create_task(meter.run()),
         ]
         if settings.GC_FREEZE:
             # Everything built so far lives as long as the process: keep the collector from rescanning
@@ -170,6 +191,8 @@ def create_app(settings: Settings) -> FastPath:
             await asyncio.gather(*background, return_exceptions=True)
             await router.close()
             await traffic.close()
+            await limits.close()
+            await meter.close()
             with contextlib.suppress(Exception):
                 await cache.flush_key_usage()
             with contextlib.suppress(Exception):

@@ -105,6 +105,7 @@ class RequestFacts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     limit: str = ""  # the limit that refused it (a 429), e.g. "waiters"
+    limit_headers: dict[str, str] | None = None  # x-ratelimit-* of the tenant's limits (every response)
 
 
 def multiprocess_dir() -> str | None:

@@ -88,6 +88,18 @@ class Settings(BaseSettings):
     TRAFFIC_BUCKET_S: int = Field(300, ge=10, le=3600)
     TRAFFIC_MAX_ADAPTERS: int = Field(10_000, ge=1, le=1_000_000)
 
+    # Tenant limits (set per tenant and API key through the admin API). Counted in Redis when
+    # GATEWAY_REDIS_URL is set (shared by every replica), else in the process. While Redis does not
+    # answer, limited tenants' requests get a 503 ("closed") or go through unlimited ("open").
+    LIMITS_REDIS_OUTAGE: str = Field("closed", pattern="^(closed|open)$")
+    # max_tokens put into a token-limited tenant's request that names none (unless its cap is lower).
+    LIMITS_DEFAULT_MAX_TOKENS: int = Field(4096, ge=1, le=10_000_000)
+    # A request's place under a concurrency limit outlives a gateway that died serving it by this long.
+    LIMITS_LEASE_S: float = Field(60.0, ge=3, le=3600)
+    # Usage for billing is summed in the process and written every USAGE_FLUSH_S: a gateway killed (not
+    # stopped) loses at most that much of it.
+    USAGE_FLUSH_S: float = Field(10.0, gt=0, le=3600)
+
     # Promotion. Each replica polls the routing epoch this often: a switch reaches it within about this.
     ROUTES_POLL_S: float = Field(0.25, gt=0, le=10)
     # Merged and quantized models (content-addressed); dedicated deployments must be able to read it.

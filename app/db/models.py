@@ -71,6 +71,8 @@ class Tenant(IdMixin, CreatedMixin, Base):
     display_name: Mapped[str | None] = mapped_column(String(200))
     # Most adapters of this tenant registered on one backend at once (None: no cap).
     max_adapters_per_backend: Mapped[int | None] = mapped_column(Integer)
+    # Rates, concurrency and request caps (app.limits.state.Limits as a dict); None: unlimited.
+    limits: Mapped[dict[str, int] | None] = mapped_column(JSON)
 
 
 class ApiKey(IdMixin, CreatedMixin, Base):
@@ -83,6 +85,7 @@ class ApiKey(IdMixin, CreatedMixin, Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    limits: Mapped[dict[str, int] | None] = mapped_column(JSON)  # on top of the tenant's
 
 
 class BaseModel(IdMixin, CreatedMixin, Base):
@@ -222,3 +225,18 @@ class GatewayReplica(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class UsageHour(Base):
+    """Requests and tokens per tenant, API key, model and hour, from the backends' usage reports; summed
+    in each gateway process and added here in batches (app.limits.metering), never per request."""
+
+    __tablename__ = "usage_hours"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)  # the tenant's adapter, or a base model
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

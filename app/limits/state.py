@@ -14,9 +14,9 @@ dies frees its requests' places after one lease).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 WINDOW_S = 60.0
 
@@ -40,6 +40,14 @@ class Limits:
             or self.tokens_per_minute is not None
             or self.concurrent_requests is not None
         )
+
+
+def limits_from(stored: Mapping[str, Any] | None) -> Limits | None:
+    """Limits as stored (a dict of the set ones); fields this version does not know are ignored."""
+    if not stored:
+        return None
+    known = {k: int(v) for k, v in stored.items() if k in Limits.__dataclass_fields__ and v is not None}
+    return Limits(**known) if known else None
 
 
 @dataclass(frozen=True, slots=True)

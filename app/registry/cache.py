@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import Adapter, AdapterState, ApiKey, Backend, BackendKind, BackendState, BaseModel, Tenant
+from app.limits.state import limits_from
 from app.outages import OUTAGES, RegistryUnavailable, db_unreachable
 from app.registry.snapshots import AdapterView, BackendView, BaseModelView, TenantView
 
@@ -227,12 +228,23 @@ class RegistryCache:
         async with self._sessionmaker() as session:
             row = (
                 await session.execute(
-                    select(Tenant.id, Tenant.name, Tenant.max_adapters_per_backend)
+                    select(
+                        Tenant.id, Tenant.name, Tenant.max_adapters_per_backend, Tenant.limits, ApiKey.id, ApiKey.limits
+                    )
                     .join(ApiKey, ApiKey.tenant_id == Tenant.id)
                     .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
                 )
             ).first()
-        return TenantView(id=row[0], name=row[1], max_adapters_per_backend=row[2]) if row else None
+        if row is None:
+            return None
+        return TenantView(
+            id=row[0],
+            name=row[1],
+            max_adapters_per_backend=row[2],
+            key_id=row[4],
+            limits=limits_from(row[3]),
+            key_limits=limits_from(row[5]),
+        )
 
     async def _adapter_rows(self, session: AsyncSession, *conds: object) -> list[AdapterView]:
         stmt = (

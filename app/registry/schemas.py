@@ -35,6 +35,28 @@ class _Read(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+_MAX_RATE = 1_000_000_000  # per minute: far above any real tenant, inside a 64-bit counter for years
+
+
+class LimitsIn(BaseModel):
+    """A tenant's (or one API key's) limits; an absent field is no limit. Rates count over any minute
+    (a sliding window), across every gateway replica."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: int | None = Field(None, ge=1, le=_MAX_RATE)
+    tokens_per_minute: int | None = Field(
+        None, ge=1, le=_MAX_RATE, description="prompt + completion tokens; reserved at admission, settled at the end"
+    )
+    concurrent_requests: int | None = Field(None, ge=1, le=_MAX_COUNT)
+    max_tokens: int | None = Field(
+        None, ge=1, le=10_000_000, description="most completion tokens a request may ask for (and its default)"
+    )
+    max_n: int | None = Field(None, ge=1, le=128, description="most choices (`n`) a request may ask for")
+    max_prompt_bytes: int | None = Field(
+        None, ge=1, le=1 << 30, description="largest prompt (its text, UTF-8) a request may send"
+    )
+
+
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Slug
@@ -42,12 +64,14 @@ class TenantCreate(BaseModel):
     max_adapters_per_backend: int | None = Field(
         None, ge=1, le=_MAX_COUNT, description="Cap on one backend's adapters"
     )
+    limits: LimitsIn | None = None
 
 
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     display_name: str | None = Field(None, max_length=200)
     max_adapters_per_backend: int | None = Field(None, ge=1, le=_MAX_COUNT)
+    limits: LimitsIn | None = Field(None, description="replaces the tenant's limits; null removes them")
 
 
 class TenantRead(_Read):
@@ -55,6 +79,7 @@ class TenantRead(_Read):
     name: str
     display_name: str | None
     max_adapters_per_backend: int | None
+    limits: LimitsIn | None = None
     created_at: datetime
 
 
@@ -63,10 +88,19 @@ class ApiKeyCreate(BaseModel):
     name: str | None = Field(None, max_length=100)
 
 
+class ApiKeyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=100)
+    limits: LimitsIn | None = Field(
+        None, description="this key's own limits, on top of the tenant's; null removes them"
+    )
+
+
 class ApiKeyRead(_Read):
     id: uuid.UUID
     name: str | None
     prefix: str
+    limits: LimitsIn | None = None
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None

@@ -51,7 +51,10 @@ async def list_tenants(session: AsyncSession) -> list[Tenant]:
 
 async def create_tenant(session: AsyncSession, *, data: schemas.TenantCreate) -> Tenant:
     tenant = Tenant(
-        name=data.name, display_name=data.display_name, max_adapters_per_backend=data.max_adapters_per_backend
+        name=data.name,
+        display_name=data.display_name,
+        max_adapters_per_backend=data.max_adapters_per_backend,
+        limits=_limits(data.limits),
     )
     session.add(tenant)
     await _commit_unique(session, f"tenant {data.name!r}")
@@ -61,9 +64,16 @@ async def create_tenant(session: AsyncSession, *, data: schemas.TenantCreate) ->
 async def update_tenant(session: AsyncSession, *, ref: str, data: schemas.TenantUpdate) -> Tenant:
     tenant = await get_tenant(session, ref)
     for field, value in data.model_dump(exclude_unset=True).items():
-        setattr(tenant, field, value)
+        setattr(tenant, field, _limits(data.limits) if field == "limits" else value)
     await session.commit()
     return tenant
+
+
+def _limits(limits: schemas.LimitsIn | None) -> dict[str, int] | None:
+    """As stored: only the limits that are set; None when none is."""
+    if limits is None:
+        return None
+    return limits.model_dump(exclude_none=True) or None
 
 
 async def delete_tenant(session: AsyncSession, *, ref: str) -> None:
@@ -96,13 +106,26 @@ async def create_key(session: AsyncSession, *, tenant: Tenant, name: str | None)
     return key, secret
 
 
-async def revoke_key(session: AsyncSession, *, tenant: Tenant, key_id: str) -> ApiKey:
+async def get_key(session: AsyncSession, *, tenant: Tenant, key_id: str) -> ApiKey:
     ident = parse_uuid(key_id)
     key = None
     if ident is not None:
         key = await session.scalar(select(ApiKey).where(ApiKey.id == ident, ApiKey.tenant_id == tenant.id))
     if key is None:
         raise NotFound(f"API key {key_id!r} not found for tenant {tenant.name!r}", param="key_id")
+    return key
+
+
+async def update_key(session: AsyncSession, *, tenant: Tenant, key_id: str, data: schemas.ApiKeyUpdate) -> ApiKey:
+    key = await get_key(session, tenant=tenant, key_id=key_id)
+    for field, value in data.model_dump(exclude_unset=True).items():
+        setattr(key, field, _limits(data.limits) if field == "limits" else value)
+    await session.commit()
+    return key
+
+
+async def revoke_key(session: AsyncSession, *, tenant: Tenant, key_id: str) -> ApiKey:
+    key = await get_key(session, tenant=tenant, key_id=key_id)
     if key.revoked_at is None:
         key.revoked_at = datetime.now(UTC)
         await session.commit()

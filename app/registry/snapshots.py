@@ -5,12 +5,19 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from app.limits.state import Limits
+
 
 @dataclass(frozen=True, slots=True)
 class TenantView:
+    """A tenant as one of its API keys sees it (the cache holds one per key)."""
+
     id: uuid.UUID
     name: str
     max_adapters_per_backend: int | None = None
+    key_id: uuid.UUID | None = None  # the key the request came with
+    limits: Limits | None = None  # the tenant's
+    key_limits: Limits | None = None  # the key's own, on top of the tenant's
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,7 +107,10 @@ def test_tenant_api(public_schema: Any, world: World) -> None:
     served = len(world.script.bodies)
     ran = _fuzz(public_schema, [GenerationMode.POSITIVE], world.tenant_key, "support")  # type: ignore[attr-defined]
     assert {"POST /v1/chat/completions (positive)", "GET /v1/models/{model} (positive)"} <= set(ran), ran
-    assert len(world.script.bodies) - served >= EXAMPLES // 4  # the success path was fuzzed too
+    # The success path was fuzzed too. Not a fixed share: hypothesis draws constants from the project's
+    # own source, so which examples it makes (and how many reach the backend) moves with any code change
+    # (seen: 7 of 25, then 4 after string literals were added elsewhere).
+    assert len(world.script.bodies) - served >= 3
 
 
 def test_admin_api(admin_schema: Any) -> None:

@@ -80,9 +80,9 @@ async def test_chosen_extras_pass_and_every_request_gets_the_tenants_salt(
     [
         ({"stream": "yes"}, "stream"),
         ({"stream": 1}, "stream"),
-        ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
         ({"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage"),
         ({"stream": True, "stream_options": []}, "stream_options"),
+        ({"stream": True, "stream_options": {"per_token": True}}, "stream_options.per_token"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
          "messages[0].content[0].type"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}]},

@@ -6,11 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.admin import adapters, backends, base_models, promotions, tenants
+from app.api.admin import adapters, backends, base_models, promotions, tenants, usage
 from app.api.openai.spec import document_errors
 from app.deps import AdminDep, AdminWriteDep
 
-MODULES = (tenants, base_models, backends, adapters, promotions)
+MODULES = (tenants, base_models, backends, adapters, promotions, usage)
 router = APIRouter(prefix="/admin/v1", dependencies=[AdminDep, AdminWriteDep], include_in_schema=False)
 for module in MODULES:
     router.include_router(module.router)

@@ -53,6 +53,14 @@ async def list_api_keys(tenant: str, session: SessionDep) -> schemas.Page[schema
     return schemas.Page(data=[schemas.ApiKeyRead.model_validate(k) for k in keys])
 
 
+@router.patch("/tenants/{tenant}/api-keys/{key_id}")
+async def update_api_key(
+    tenant: str, key_id: str, data: schemas.ApiKeyUpdate, session: SessionDep
+) -> schemas.ApiKeyRead:
+    owner = await service.get_tenant(session, tenant)
+    return schemas.ApiKeyRead.model_validate(await service.update_key(session, tenant=owner, key_id=key_id, data=data))
+
+
 @router.delete("/tenants/{tenant}/api-keys/{key_id}")
 async def revoke_api_key(tenant: str, key_id: str, session: SessionDep) -> schemas.ApiKeyRead:
     owner = await service.get_tenant(session, tenant)

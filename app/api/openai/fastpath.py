@@ -39,7 +39,10 @@ async def proxy(request: Request, data_path: DataPath, route: str, facts: Reques
         if isinstance(exc, RateLimited):
             facts.limit = exc.limit
         body = error_body(exc.message, exc.type, exc.param, exc.code)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if facts.limit_headers:  # admitted, then failed: the client still learns where its limits stand
+            headers = {**facts.limit_headers, **(headers or {})}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
     except Exception as exc:  # outside FastAPI: the last place to keep the envelope
         answer = OUTAGES.answer(exc)  # Postgres or Redis down: a 503, logged once per outage
         if answer is not None:

@@ -38,6 +38,8 @@ from app.errors import (
     ServiceUnavailable,
     error_body,
 )
+from app.limits.gate import LimitGate, Ticket
+from app.limits.metering import UsageMeter
 from app.metrics import Metrics, RequestFacts
 from app.outages import StateUnavailable
 from app.promotion.routes import RoutingTable
@@ -70,7 +72,11 @@ class DataPath:
         traffic: TrafficMeter | None = None,
         metrics: Metrics | None = None,
         request_log: Callable[[RequestFacts, int, float], None] | None = None,
+        limits: LimitGate | None = None,
+        meter: UsageMeter | None = None,
     ) -> None:
+        self.limits = limits
+        self.meter = meter
         self.cache = cache
         self.metrics = metrics if metrics is not None else Metrics()
         self.request_log = request_log
@@ -135,15 +141,53 @@ class DataPath:
             target = replace(target, served_name=promoted.served_name, adapter=None)
         else:
             promoted = None
-        client_wants_usage = False
+        client_wants_usage = client_wants_continuous = False
         if stream:
             opts = body.get("stream_options")
             client_wants_usage = bool(opts and opts.get("include_usage"))
-            # Always ask for usage upstream; the chunk is dropped again if the client did not ask.
-            body["stream_options"] = {**(opts or {}), "include_usage": True}
+            client_wants_continuous = bool(opts and opts.get("continuous_usage_stats"))
+        # The tenant's caps (400 beyond them) and its reservation under its rates (429 beyond them).
+        ticket = self.limits.prepare(tenant, route, body, stream) if self.limits is not None else None
+        if ticket is not None:
+            facts.limit_headers = ticket.headers
+            await self.limits.admit(ticket)  # type: ignore[union-attr]
+        try:
+            return await self._forward(
+                request, route, body, stream, tenant, target, adapter_id, promoted, facts, ticket,
+                client_wants_usage, client_wants_continuous,
+            )  # fmt: skip
+        except BaseException:
+            if ticket is not None:
+                self.limits.settle(ticket, 0)  # type: ignore[union-attr]  # nothing was served: all back
+            raise
+
+    async def _forward(
+        self,
+        request: Request,
+        route: str,
+        body: dict[str, Any],
+        stream: bool,
+        tenant: TenantView,
+        target: Target,
+        adapter_id: uuid.UUID | None,
+        promoted: Any,
+        facts: RequestFacts,
+        ticket: Ticket | None,
+        client_wants_usage: bool,
+        client_wants_continuous: bool,
+    ) -> Response:
+        strip_usage = False
+        if stream:
+            opts = body.get("stream_options") or {}
+            # Always ask for usage upstream; the chunk is dropped again if the client did not ask, and
+            # per-chunk usage (asked for token-limited tenants) is taken out of the chunks.
+            strip_usage = bool(opts.get("continuous_usage_stats")) and not client_wants_continuous
+            body["stream_options"] = {**opts, "include_usage": True}
         body["model"] = target.served_name
         payload = orjson.dumps(body)
         headers = {IGNORED_HEADER: IGNORED_TEXT} if target.ignored_lora_path else {}
+        if ticket is not None:
+            headers.update(ticket.headers)
 
         backends = (
             (promoted.backend,)
@@ -169,11 +213,28 @@ class DataPath:
             watch.close()
             raise
         done = _Releaser(self.router, lease, self.traffic, adapter_id, promoted is not None, started, facts)
+        done.settle = self._settler(tenant, facts, ticket)
         rewrite = _Rewriter(target)
         content_type = upstream.headers.get("Content-Type", _JSON)
         if stream and content_type.startswith("text/event-stream"):
-            return SseProxy(upstream, rewrite, target, client_wants_usage, headers, done, watch)
+            return SseProxy(upstream, rewrite, target, client_wants_usage, headers, done, watch, strip_usage)
         return BufferedProxy(upstream, rewrite, target, content_type, headers, done, watch)
+
+    def _settler(
+        self, tenant: TenantView, facts: RequestFacts, ticket: Ticket | None
+    ) -> Callable[[], None] | None:
+        """What the response's end does with its usage: the reservation settled, the usage metered."""
+        limits, meter = self.limits, self.meter
+        if meter is None and ticket is None:
+            return None
+
+        def settle() -> None:
+            if ticket is not None and limits is not None:
+                limits.settle(ticket, facts.prompt_tokens + facts.completion_tokens)
+            if meter is not None:
+                meter.record(tenant.id, tenant.key_id, facts.model, facts.prompt_tokens, facts.completion_tokens)
+
+        return settle
 
     async def _send(
         self,
@@ -259,7 +320,7 @@ class _Releaser:
     """Gives the request's lease back exactly once, when the response is over (however it ends), and
     adds the request to the traffic the promotion advice reads (in-process sums: no I/O here)."""
 
-    __slots__ = ("adapter", "dedicated", "facts", "lease", "router", "started", "traffic")
+    __slots__ = ("adapter", "choices", "dedicated", "facts", "lease", "router", "settle", "started", "traffic")
 
     def __init__(
         self,
@@ -274,6 +335,8 @@ class _Releaser:
         self.router, self.lease, self.traffic = router, lease, traffic
         self.adapter, self.dedicated, self.started = adapter, dedicated, started
         self.facts = facts
+        self.settle: Callable[[], None] | None = None  # the limits' settlement and the metering
+        self.choices: dict[int, int] | None = None  # per-chunk usage: each choice's completion so far
 
     def used(self, usage: dict[str, Any] | None) -> None:
         """The backend's usage report for this request (a stream's last one counts)."""
@@ -282,8 +345,23 @@ class _Releaser:
             self.facts.prompt_tokens = prompt if isinstance(prompt, int) and prompt > 0 else 0
             self.facts.completion_tokens = completion if isinstance(completion, int) and completion > 0 else 0
 
+    def used_so_far(self, usage: dict[str, Any], choices: list[Any]) -> None:
+        """A chunk's own usage (continuous usage stats): the prompt, and its choice's completion so far
+        (vLLM counts each choice apart); the final report, when it comes, replaces the sum."""
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        index = choices[0].get("index", 0) if isinstance(choices[0], dict) else 0
+        if not isinstance(completion, int) or not isinstance(index, int):
+            return
+        if self.choices is None:
+            self.choices = {}
+        self.choices[index] = max(completion, self.choices.get(index, 0))
+        self.facts.prompt_tokens = prompt if isinstance(prompt, int) and prompt > 0 else 0
+        self.facts.completion_tokens = sum(self.choices.values())
+
     def __call__(self) -> None:
         self.router.release_nowait(self.lease)
+        if self.settle is not None:
+            self.settle()
         facts = self.facts
         if facts.upstream_ended is None:
             facts.upstream_ended = time.monotonic()
@@ -487,10 +565,12 @@ class SseProxy(Response):
         headers: dict[str, str],
         done: _Releaser,
         watch: Disconnect,
+        strip_usage: bool = False,
     ) -> None:
         self.upstream, self.rewrite, self.target, self.done = upstream, rewrite, target, done
         self.watch = watch
         self.client_wants_usage = client_wants_usage
+        self.strip_usage = strip_usage  # per-chunk usage the gateway asked for, not the client
         self.status_code = 200
         self.background = None
         self.raw_headers = [*_headers(b"text/event-stream", headers), (b"cache-control", b"no-cache")]
@@ -517,9 +597,16 @@ class SseProxy(Response):
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                    self.done.used(obj["usage"])
-                    if not obj.get("choices") and not self.client_wants_usage:
-                        continue
+                    choices = obj.get("choices")
+                    if not choices:  # the final report
+                        self.done.used(obj["usage"])
+                        if not self.client_wants_usage:
+                            continue
+                    elif isinstance(choices, list):
+                        self.done.used_so_far(obj["usage"], choices)
+                        if self.strip_usage:
+                            del obj["usage"]
+                            event = b"data: " + orjson.dumps(obj)
             out.append(event + b"\n\n")
         return b"".join(out)
 

@@ -44,7 +44,7 @@ FIELDS = {
     "/v1/chat/completions": _OPENAI_COMMON | _OPENAI_CHAT | _VLLM_EXTRAS | _VLLM_CHAT,
     "/v1/completions": _OPENAI_COMMON | _OPENAI_COMPLETIONS | _VLLM_EXTRAS | _VLLM_COMPLETIONS,
 }
-_STREAM_OPTIONS = frozenset({"include_usage"})
+_STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 # Message content parts a text model takes. Images, audio, video and files reach vLLM's media loaders
 # (which fetch URLs): refused until a base model opts in to media.
 _TEXT_PARTS = frozenset({"text", "refusal"})
@@ -70,7 +70,6 @@ def check(route: str, body: dict[str, Any], tenant_id: uuid.UUID) -> bool:
             raise InvalidRequest("'stream_options' must be an object", param="stream_options")
         for name, value in opts.items():
             if name not in _STREAM_OPTIONS:
-                # continuous_usage_stats would repeat the usage in every chunk: usage is counted once.
                 raise InvalidRequest(
                     f"unsupported parameter: 'stream_options.{name}'", param=f"stream_options.{name}"
                 )

@@ -1,0 +1,263 @@
+"""Admission on the request path: the caps checked on the body, the reservation taken in the limit store,
+the x-ratelimit-* headers, and the settlement when the response ends.
+
+A request's reservation is the most it can use: its prompt's upper bound (one token per UTF-8 byte of its
+text, since every token of a byte-level tokenizer covers at least one byte, plus a template allowance per
+message; a prompt given as token ids counts exactly) and max_tokens x n for the completion. A tenant with a
+token limit who sends no max_tokens gets one (its cap, or GATEWAY_LIMITS_DEFAULT_MAX_TOKENS) put into the
+request, so no response can outgrow its reservation. Settling puts the backend's own count in its place:
+the usage report, or for a stream cut short the last of the per-chunk reports (continuous usage, asked of
+vLLM for token-limited tenants' streams), or nothing when no token came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.errors import InvalidRequest, RateLimited
+from app.limits.state import Admission, Limits, LimitStore, Scope, Window, duration
+from app.outages import OutageLog
+from app.registry.snapshots import TenantView
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_TOKENS = 32  # a chat template's tokens around the messages (system prompt defaults included)
+MESSAGE_TOKENS = 8  # and around each message (role markers)
+_MAX_PENDING = 10_000  # settlements in flight at once; beyond, the newest waits for the store
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request's hold on its limits; settled exactly once."""
+
+    scopes: Sequence[Scope]
+    id: str
+    reserved: int
+    window: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+def _min(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _merged(tenant: TenantView) -> Limits:
+    """The caps that apply: the tighter of the tenant's and the key's."""
+    t, k = tenant.limits or Limits(), tenant.key_limits or Limits()
+    return Limits(
+        max_tokens=_min(t.max_tokens, k.max_tokens),
+        max_n=_min(t.max_n, k.max_n),
+        max_prompt_bytes=_min(t.max_prompt_bytes, k.max_prompt_bytes),
+        tokens_per_minute=_min(t.tokens_per_minute, k.tokens_per_minute),
+    )
+
+
+def prompt_bytes(body: dict[str, Any]) -> tuple[int, int]:
+    """(UTF-8 bytes of the prompt's text, exact tokens given as ids) of a chat or completions body."""
+    size = tokens = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            if isinstance(content, str):
+                size += len(content.encode())
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        size += len(part["text"].encode())
+            for extra in ("name", "tool_calls", "tool_call_id"):
+                if m.get(extra) is not None:
+                    size += len(str(m[extra]).encode())
+        for extra in ("tools", "functions"):
+            if body.get(extra) is not None:
+                size += len(str(body[extra]).encode())
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        size += len(prompt.encode())
+    elif isinstance(prompt, list):
+        for p in prompt:
+            if isinstance(p, str):
+                size += len(p.encode())
+            elif isinstance(p, int):
+                tokens += 1
+            elif isinstance(p, list):
+                tokens += len(p)
+    if isinstance(body.get("suffix"), str):
+        size += len(body["suffix"].encode())
+    return size, tokens
+
+
+class LimitGate:
+    def __init__(
+        self,
+        store: LimitStore,
+        *,
+        fail_open: bool = False,
+        default_max_tokens: int = 4096,
+        outage: OutageLog | None = None,
+        renew_s: float | None = None,
+    ) -> None:
+        self.store = store
+        self.fail_open = fail_open
+        self.default_max_tokens = default_max_tokens
+        self.outage = outage
+        self._held: dict[str, Ticket] = {}  # admitted, not yet settled: their concurrency places renewed
+        self._pending: set[asyncio.Task[None]] = set()
+        lease = getattr(store, "lease_s", 60.0)
+        self.renew_s = renew_s if renew_s is not None else lease / 3
+        self._renewer: asyncio.Task[None] | None = None
+
+    def prepare(self, tenant: TenantView, route: str, body: dict[str, Any], stream: bool) -> Ticket | None:
+        """Checks the caps on the body (400 beyond them), puts a max_tokens in where a token limit needs
+        one; returns the ticket to admit, or None when no rate or concurrency limit applies."""
+        if tenant.limits is None and tenant.key_limits is None:
+            return None
+        caps = _merged(tenant)
+        n = body.get("n", 1)
+        if n is None:
+            n = 1
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InvalidRequest("'n' must be a positive integer", param="n")
+        best_of = body.get("best_of")
+        choices = max(n, best_of) if isinstance(best_of, int) and not isinstance(best_of, bool) else n
+        if caps.max_n is not None and choices > caps.max_n:
+            raise InvalidRequest(f"'n' may be at most {caps.max_n} for your account", param="n")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        asked = body.get(key)
+        if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
+            raise InvalidRequest(f"'{key}' must be a positive integer", param=key)
+        if asked is not None and caps.max_tokens is not None and asked > caps.max_tokens:
+            raise InvalidRequest(f"'{key}' may be at most {caps.max_tokens} for your account", param=key)
+        size, id_tokens = prompt_bytes(body)
+        if caps.max_prompt_bytes is not None and size > caps.max_prompt_bytes:
+            raise InvalidRequest(
+                f"the prompt is {size} bytes; at most {caps.max_prompt_bytes} are allowed for your account",
+                param="messages" if "messages" in body else "prompt",
+            )
+        if asked is None and (caps.tokens_per_minute is not None or caps.max_tokens is not None):
+            asked = caps.max_tokens or self.default_max_tokens
+            body["max_tokens"] = asked  # the completion can never outgrow the reservation
+        if asked is None:
+            asked = 0  # no token limit: nothing is reserved for the completion
+        messages = body.get("messages")
+        template = TEMPLATE_TOKENS + MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else 0
+        reserved = size + id_tokens + template + asked * choices if caps.tokens_per_minute is not None else 0
+        scopes = []
+        if tenant.limits is not None and tenant.limits.counted:
+            scopes.append(Scope(f"t:{tenant.id.hex}", tenant.id.hex, tenant.limits))
+        if tenant.key_limits is not None and tenant.key_limits.counted and tenant.key_id is not None:
+            scopes.append(Scope(f"k:{tenant.key_id.hex}", tenant.id.hex, tenant.key_limits))
+        if not scopes:
+            return None
+        if stream and caps.tokens_per_minute is not None:
+            opts = body.get("stream_options") or {}
+            body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
+        return Ticket(scopes, uuid.uuid4().hex, reserved)
+
+    async def admit(self, ticket: Ticket) -> None:
+        """Takes the reservation, or raises RateLimited (429) with Retry-After and the headers."""
+        try:
+            admission = await self.store.admit(ticket.scopes, ticket.id, ticket.reserved)
+        except (RedisError, TimeoutError, OSError) as exc:
+            if self.outage is not None:
+                self.outage.failed(exc)
+            if self.fail_open:
+                ticket.settled = True  # nothing was taken: nothing to give back
+                return
+            raise
+        if self.outage is not None:
+            self.outage.recovered()
+        ticket.window = admission.window
+        ticket.headers = headers(admission)
+        if not admission.ok:
+            ticket.settled = True
+            raise _refusal(admission, ticket)
+        self._held[ticket.id] = ticket
+        if self.store.shared and (self._renewer is None or self._renewer.done()):
+            self._renewer = asyncio.create_task(self._renew_forever())
+
+    def settle(self, ticket: Ticket, used_tokens: int) -> None:
+        """The response is over: its real tokens in place of the reservation, its places freed (in the
+        background; a failure is logged and the places expire after one lease)."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        self._held.pop(ticket.id, None)
+        delta = used_tokens - ticket.reserved if ticket.reserved or used_tokens else 0
+        coro = self.store.settle(ticket.scopes, ticket.id, ticket.window, delta)
+        task = asyncio.ensure_future(self._quietly(coro))
+        if len(self._pending) < _MAX_PENDING:
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _quietly(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001 - the places expire; the tokens stay reserved for the window
+            if self.outage is not None:
+                self.outage.failed(exc)
+
+    async def _renew_forever(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.renew_s)
+            held = [(t.scopes, t.id) for t in self._held.values()]
+            try:
+                await self.store.renew(held)
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                if self.outage is not None:
+                    self.outage.failed(exc)
+
+    async def close(self) -> None:
+        tasks = list(self._pending)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            tasks.append(self._renewer)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _put(out: dict[str, str], kind: str, w: Window | None) -> None:
+    if w is None:
+        return
+    out[f"x-ratelimit-limit-{kind}"] = str(w.limit)
+    out[f"x-ratelimit-remaining-{kind}"] = str(w.remaining)
+    out[f"x-ratelimit-reset-{kind}"] = duration(w.reset_s)
+
+
+def headers(admission: Admission) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest scope of each kind."""
+    out: dict[str, str] = {}
+    _put(out, "requests", admission.requests)
+    _put(out, "tokens", admission.tokens)
+    return out
+
+
+def _refusal(admission: Admission, ticket: Ticket) -> RateLimited:
+    retry = {**ticket.headers, "Retry-After": str(max(1, math.ceil(admission.retry_after_s)))}
+    kind = admission.refused
+    if kind == "requests":
+        message = "rate limit reached for requests per minute"
+    elif kind == "tokens":
+        message = f"rate limit reached for tokens per minute: this request reserves {ticket.reserved}"
+    elif kind == "tokens_too_large":
+        message = (
+            f"request too large: it may use {ticket.reserved} tokens (prompt + max_tokens x n), more than your "
+            "tokens-per-minute limit; send a smaller prompt or a lower max_tokens"
+        )
+        retry.pop("Retry-After")
+    else:
+        message = "too many concurrent requests"
+    exc = RateLimited(f"{message}; retry after the time in Retry-After", headers=retry)
+    exc.limit = kind
+    return exc
