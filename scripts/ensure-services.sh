@@ -32,3 +32,34 @@ if ! redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
   fi
 fi
 wait_for redis sh -c "redis-cli -p $REDIS_PORT ping | grep -q PONG"
+
+# promtool and the prometheus server, for the alert-rule and dashboard tests (tests/test_alerts.py,
+# tests/integration/test_prometheus.py), from Debian's package. Its postinst would start a service on
+# :9090: a policy-rc.d that refuses (exit 101) is put in place for the install when none is there, and
+# a server the install started anyway is stopped and disabled; the tests run their own, on free ports.
+if ! command -v promtool >/dev/null; then
+  echo "prometheus: installing (promtool)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  apt_install() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+  added_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    added_policy=1
+  fi
+  status=0
+  apt_install prometheus || { $SUDO apt-get update -qq && apt_install prometheus; } || status=$?
+  [ -z "$added_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+  if [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif command -v update-rc.d >/dev/null; then
+    $SUDO service prometheus stop >/dev/null 2>&1 || true
+    $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+  if [ "$status" -ne 0 ] || ! command -v promtool >/dev/null; then
+    echo "prometheus: apt-get install prometheus failed" >&2
+    exit 1
+  fi
+  echo "prometheus: $(promtool --version 2>&1 | head -1)"
+fi
+bash "$(dirname "${BASH_SOURCE[0]}")/fetch-compose-schema.sh"  # tests/test_docker.py: compose schema, hadolint
