@@ -31,6 +31,11 @@ def _request_id(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def _drop_color(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    event.pop("color_message", None)  # uvicorn's copy of the message with terminal colours
+    return event
+
+
 def _dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
@@ -47,6 +52,7 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),
+        _drop_color,
         _request_id,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -68,9 +74,12 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        lib = logging.getLogger(name)  # uvicorn's own handlers (if it installed any) give way to ours
-        lib.handlers.clear()
-        lib.propagate = True
+        lib = logging.getLogger(name)
+        # uvicorn's own handlers give way to ours. Its access log stays as uvicorn left it when it has
+        # no handler: `serve` turns it off (no handler, not propagating), a line per request costs CPU.
+        if lib.handlers or name != "uvicorn.access":
+            lib.handlers.clear()
+            lib.propagate = True
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(

@@ -27,7 +27,8 @@ def stream() -> Iterator[io.StringIO]:
     try:
         yield out
     finally:
-        root.removeHandler(handler)
+        for h in [handler, *(h for h in root.handlers if getattr(h, "lgw_logs", False))]:
+            root.removeHandler(h)  # this one, and any a test configured after it
         root.setLevel(level)
 
 
@@ -101,3 +102,23 @@ def test_console_format_is_readable(stream: io.StringIO) -> None:
     text = out.getvalue()
     assert "adapter evicted" in text and "adapter=lgw-2" in text and not text.lstrip().startswith("{")
     assert stream.getvalue() == ""  # the JSON handler was replaced, not doubled
+
+
+def test_uvicorns_access_log_stays_off_when_serve_turned_it_off(stream: io.StringIO) -> None:
+    """`serve` runs uvicorn with access_log=False: no handler on uvicorn.access, not propagating (a line
+    per request costs CPU). Configuring the logs must not turn it back on."""
+    access_log = logging.getLogger("uvicorn.access")
+    access_log.handlers.clear()
+    access_log.propagate = False
+    try:
+        logs.configure("INFO", "json", stream)
+        access_log.info('127.0.0.1:1 - "POST /v1/chat/completions HTTP/1.1" 200')
+        assert stream.getvalue() == ""
+        access_log.addHandler(logging.NullHandler())  # turned on (`serve --access-log`): ours takes it
+        logs.configure("INFO", "json", stream)
+        access_log.info('127.0.0.1:1 - "GET /healthz HTTP/1.1" 200', extra={"color_message": "\x1b[36m"})
+        (line,) = lines(stream)
+        assert line["logger"] == "uvicorn.access" and "color_message" not in line
+    finally:
+        access_log.handlers.clear()
+        access_log.propagate = True
