@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_TOKENS = 32  # a chat template's tokens around the messages (system prompt defaults included)
 MESSAGE_TOKENS = 8  # and around each message (role markers)
-_MAX_PENDING = 10_000  # settlements in flight at once; beyond, the newest waits for the store
 
 
 @dataclass(slots=True)
@@ -114,7 +113,8 @@ class LimitGate:
         self.default_max_tokens = default_max_tokens
         self.outage = outage
         self._held: dict[str, Ticket] = {}  # admitted, not yet settled: their concurrency places renewed
-        self._pending: set[asyncio.Task[None]] = set()
+        if outage is not None and hasattr(store, "on_error"):
+            store.on_error = outage.failed
         lease = getattr(store, "lease_s", 60.0)
         self.renew_s = renew_s if renew_s is not None else lease / 3
         self._renewer: asyncio.Task[None] | None = None
@@ -196,18 +196,7 @@ class LimitGate:
         ticket.settled = True
         self._held.pop(ticket.id, None)
         delta = used_tokens - ticket.reserved if ticket.reserved or used_tokens else 0
-        coro = self.store.settle(ticket.scopes, ticket.id, ticket.window, delta)
-        task = asyncio.ensure_future(self._quietly(coro))
-        if len(self._pending) < _MAX_PENDING:
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _quietly(self, coro: Any) -> None:
-        try:
-            await coro
-        except Exception as exc:  # noqa: BLE001 - the places expire; the tokens stay reserved for the window
-            if self.outage is not None:
-                self.outage.failed(exc)
+        self.store.settle_nowait(ticket.scopes, ticket.id, ticket.window, delta)
 
     async def _renew_forever(self) -> None:
         while self._held:
@@ -220,11 +209,12 @@ class LimitGate:
                     self.outage.failed(exc)
 
     async def close(self) -> None:
-        tasks = list(self._pending)
         if self._renewer is not None:
             self._renewer.cancel()
-            tasks.append(self._renewer)
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        closing = getattr(self.store, "close", None)
+        if closing is not None:
+            await closing()
 
 
 def _put(out: dict[str, str], kind: str, w: Window | None) -> None:

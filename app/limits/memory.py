@@ -84,6 +84,9 @@ class MemoryLimits:
         return Admission(not refused, window, requests(frac), token_window(frac), refused, retry)
 
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
+        self.settle_nowait(scopes, request_id, window, delta)
+
+    def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
         _, now_window, _ = self._now()
         for scope in scopes:
             c = self._counters.get(scope.key)

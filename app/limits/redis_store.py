@@ -10,11 +10,14 @@ its newest lease."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
 from app.limits.state import WINDOW_S, Admission, Scope, tightest
+
+_MAX_PENDING = 10_000  # settlements under way at once
 
 # Shared by both scripts: the window arithmetic of app.limits.state, in Lua.
 _COMMON = """
@@ -140,6 +143,8 @@ class RedisLimits:
     def __init__(self, redis: Redis, *, prefix: str = "lgw", lease_s: float = 60.0) -> None:
         self.prefix = prefix.rstrip(":") + ":"
         self.lease_s = lease_s
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
         self._admit = redis.register_script(_ADMIT)
         self._settle = redis.register_script(_SETTLE)
         self._renew = redis.register_script(_RENEW)
@@ -170,6 +175,25 @@ class RedisLimits:
 
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
         await self._settle(keys=self._keys(scopes), args=[int(WINDOW_S * 1000), request_id, window, delta])
+
+    def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
+        """In a task of its own (at most _MAX_PENDING at once; beyond, the places expire after a lease and
+        the tokens stay reserved to the window's end); a failure goes to `on_error`."""
+        if len(self._pending) >= _MAX_PENDING:
+            return
+        task = asyncio.ensure_future(self._settle_quietly(scopes, request_id, window, delta))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle_quietly(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
+        try:
+            await self.settle(scopes, request_id, window, delta)
+        except Exception as exc:  # noqa: BLE001 - reported; the store recovers by expiry
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def renew(self, scopes_by_request: Sequence[tuple[Sequence[Scope], str]]) -> None:
         by_tag: dict[str, tuple[list[str], list[str]]] = {}

@@ -92,6 +92,10 @@ class LimitStore(Protocol):
         """The request ended: `delta` (actual - reserved tokens) goes back into the window it was reserved
         in, and its concurrency places are freed."""
 
+    def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
+        """`settle` without waiting for the store (the end of a response, where nobody needs the answer);
+        this process's next admission sees it when the store is in-process."""
+
     async def renew(self, scopes_by_request: Sequence[tuple[Sequence[Scope], str]]) -> None:
         """Push the expiry of the requests' concurrency places (those still held)."""
 

@@ -149,8 +149,8 @@ class DataPath:
         # The tenant's caps (400 beyond them) and its reservation under its rates (429 beyond them).
         ticket = self.limits.prepare(tenant, route, body, stream) if self.limits is not None else None
         if ticket is not None:
-            facts.limit_headers = ticket.headers
             await self.limits.admit(ticket)  # type: ignore[union-attr]
+            facts.limit_headers = ticket.headers
         try:
             return await self._forward(
                 request, route, body, stream, tenant, target, adapter_id, promoted, facts, ticket,
