@@ -475,6 +475,8 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
                 max_lora_rank=upstream.max_lora_rank,
                 adapter_dir=upstream.adapter_dir,
             )
+            if args.tenant_limits:
+                admin.set_limits(json.loads(args.tenant_limits))
         finally:
             admin.close()
         warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
@@ -757,6 +759,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="a setting of the gateway's, e.g. GATEWAY_LOG_REQUESTS=all (repeatable)",
+    )
+    p.add_argument(
+        "--tenant-limits",
+        metavar="JSON",
+        help='limits of the bench tenant, e.g. \'{"requests_per_minute": 100000000, "tokens_per_minute": '
+        '1000000000}\' (high enough never to refuse: the cost of counting)',
     )
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument(

@@ -167,3 +167,6 @@ class Admin:
         ]
         self._call("POST", f"/tenants/{TENANT}/adapters", data={"name": ADAPTER}, files=files)
         return key
+
+    def set_limits(self, limits: dict[str, int]) -> None:
+        self._call("PATCH", f"/tenants/{TENANT}", json={"limits": limits})
