@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -60,18 +60,23 @@ def placement_policy(settings: Settings) -> PlacementPolicy:
     return make_policy(settings.PLACEMENT_POLICY, pool_loads=settings.PLACEMENT_POOL_LOADS or None)
 
 
-def redis_client(url: str, timeout_s: float) -> Redis:
+def redis_client(url: str, timeout_s: float, max_connections: int = 256) -> Redis:
     """Explicit timeouts and no client-side retries (redis-py retries 3 times with backoff by default):
     a reservation script that timed out may have run, so it must not run again blindly; the router
-    answers the request instead, and the next request tries afresh."""
-    return Redis.from_url(
+    answers the request instead, and the next request tries afresh. The pool blocks for a free
+    connection (up to the same timeout) rather than failing at once when `max_connections` are in use:
+    redis-py's default pool raises "Too many connections" at 100, a 503 under any burst."""
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
     )
+    return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
 def create_app(settings: Settings) -> FastPath:
@@ -87,7 +92,11 @@ def create_app(settings: Settings) -> FastPath:
             sessionmaker, ttl=settings.CACHE_TTL_S, max_stale_s=settings.REGISTRY_MAX_STALE_S
         )
         assert settings.BACKEND_ADAPTER_ROOT is not None  # filled by Settings
-        redis = redis_client(settings.REDIS_URL, settings.REDIS_TIMEOUT_S) if settings.REDIS_URL else None
+        redis = (
+            redis_client(settings.REDIS_URL, settings.REDIS_TIMEOUT_S, settings.REDIS_MAX_CONNECTIONS)
+            if settings.REDIS_URL
+            else None
+        )
         store: ResidencyStore = (
             RedisResidency(
                 redis,

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # closed), and the first calls after it returns succeed (no restart).
     REDIS_TIMEOUT_S: float = Field(1.0, gt=0, le=30)
     REDIS_PREFIX: str = "lgw"
+    # Connections to Redis per gateway process; a call waits (up to REDIS_TIMEOUT_S) for a free one.
+    REDIS_MAX_CONNECTIONS: int = Field(256, ge=4, le=10_000)
     # While Redis does not answer: "closed" (503 for every adapter request) or "warm" (adapters this
     # process recently placed keep going to those backends; no loads or evictions until it is back).
     REDIS_OUTAGE: str = Field("closed", pattern="^(closed|warm)$")

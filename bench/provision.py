@@ -76,6 +76,7 @@ def gateway(
     source: Path | None = None,
     redis_url: str | None = None,
     extra_env: Mapping[str, str] | None = None,
+    log_name: str = "gateway.log",
 ) -> Child:
     """Migrate a fresh database; return (not yet started) `lora-gateway serve`, one worker on `cpu`.
 
@@ -88,7 +89,7 @@ def gateway(
     return Child(
         "gateway",
         pinned(cpu, [binary, "serve", "--host", "127.0.0.1", "--port", str(port)]),
-        log_path=data_dir / "gateway.log",
+        log_path=data_dir / log_name,
         env=env,
         cwd=data_dir,
     )
@@ -159,14 +160,18 @@ class Admin:
                 "max_lora_rank": max_lora_rank,
             },
         )
-        self._call("POST", "/tenants", json={"name": TENANT})
-        key: str = self._call("POST", f"/tenants/{TENANT}/api-keys", json={"name": "bench"})["key"]
+        return self.add_tenant(TENANT, adapter_dir)
+
+    def add_tenant(self, name: str, adapter_dir: Path) -> str:
+        """A tenant with the bench adapter (named ADAPTER) and a key; returns the key."""
+        self._call("POST", "/tenants", json={"name": name})
+        key: str = self._call("POST", f"/tenants/{name}/api-keys", json={"name": "bench"})["key"]
         files = [
-            ("file", (name, (adapter_dir / name).read_bytes(), "application/octet-stream"))
-            for name in ("adapter_config.json", "adapter_model.safetensors")
+            ("file", (n, (adapter_dir / n).read_bytes(), "application/octet-stream"))
+            for n in ("adapter_config.json", "adapter_model.safetensors")
         ]
-        self._call("POST", f"/tenants/{TENANT}/adapters", data={"name": ADAPTER}, files=files)
+        self._call("POST", f"/tenants/{name}/adapters", data={"name": ADAPTER}, files=files)
         return key
 
-    def set_limits(self, limits: dict[str, int]) -> None:
-        self._call("PATCH", f"/tenants/{TENANT}", json={"limits": limits})
+    def set_limits(self, limits: dict[str, int], tenant: str = TENANT) -> None:
+        self._call("PATCH", f"/tenants/{tenant}", json={"limits": limits})

@@ -122,3 +122,19 @@ def test_uvicorns_access_log_stays_off_when_serve_turned_it_off(stream: io.Strin
     finally:
         access_log.handlers.clear()
         access_log.propagate = True
+
+
+def test_request_lines_go_through_logging_once_the_json_handler_is_gone(stream: io.StringIO) -> None:
+    out = io.StringIO()
+    root = logging.getLogger()
+    handler = logs.configure("INFO", "json", out)
+    root.removeHandler(handler)  # someone else's logging setup replaced ours
+    seen: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = seen.append  # type: ignore[method-assign]
+    root.addHandler(catcher)
+    try:
+        logs.RequestLog("all")(facts(), 200, 11.0)
+    finally:
+        root.removeHandler(catcher)
+    assert out.getvalue() == "" and [r.name for r in seen] == ["app.access"]

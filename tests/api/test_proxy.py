@@ -222,7 +222,7 @@ async def test_every_response_names_its_request(
         )
     assert resp.status_code == 502 and resp.json()["error"]["message"].endswith("(request id: trace-7)")
     records = [r for r in caplog.records if r.name.startswith("app.")]
-    assert records and all(getattr(r, "request_id", None) == "trace-7" for r in records), records
+    assert records and all(getattr(r, "request_id", None) == "trace-7" for r in records), [(r.name, r.msg, getattr(r, "request_id", None)) for r in records]
     # The request's own line (GATEWAY_LOG_REQUESTS=errors): its facts, never the key or the prompt.
     (line,) = [r for r in records if r.name == "app.access"]
     assert (line.tenant, line.model, line.status, line.error_type) == ("acme", "support", 502, "server_error")  # type: ignore[attr-defined]

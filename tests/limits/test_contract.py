@@ -155,3 +155,22 @@ def test_window_arithmetic() -> None:
     assert reset_in(10, 0, 0.5) == pytest.approx(90.0) and reset_in(0, 4, 0.25) == pytest.approx(45.0)
     assert reset_in(0, 0, 0.3) == 0
     assert [duration(x) for x in (0.02, 1.0, 59.2, 360.0, 61.0)] == ["20ms", "1s", "1m0s", "6m0s", "1m1s"]
+
+
+async def test_a_burst_larger_than_the_connection_pool_waits_for_connections() -> None:
+    """The gateway's Redis client blocks for a free connection (bounded by its timeout) instead of
+    failing with "Too many connections" (redis-py's default pool raises at once at 100: a 503 for every
+    request of a burst; bench/overhead.py with limits on hit it)."""
+    from app.main import redis_client
+
+    client = redis_client(REDIS_URL, 2.0, max_connections=8)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    store = RedisLimits(client, prefix=prefix)
+    s = [scope(requests_per_minute=10_000)]
+    try:
+        results = await asyncio.gather(*(store.admit(s, rid(), 0) for _ in range(300)))
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        await client.delete(*keys)
+        await client.aclose()
+    assert all(a.ok for a in results)
