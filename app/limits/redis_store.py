@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
 from app.limits.state import WINDOW_S, Admission, Scope, tightest
 
-_MAX_PENDING = 10_000  # settlements under way at once
+_MAX_BATCHES = 10_000  # tenants with a batch object kept; idle ones are dropped beyond it
 
 # Shared by both scripts: the window arithmetic of app.limits.state, in Lua.
 _COMMON = """
@@ -40,16 +41,17 @@ local function load(h)
 end
 """
 
-# KEYS: per scope its counters hash and its in-flight zset. ARGV: window ms, request id, tokens, lease ms,
-# then per scope rpm, tpm, concurrency (-1: none). Returns {ok, window, refused, retry ms, then per scope
-# rc, rp, tc, tp after the call}; counts only change when every scope admits.
-_ADMIT = (
+# One tenant's admissions and settlements, in the order they were queued (group commit: see _Batch).
+# KEYS: the counters hash and the in-flight zset of every scope the batch names (pairs). ARGV: window ms,
+# lease ms, then each operation:
+#   A rid tokens n (key-index rpm tpm conc) x n      admit: rates/concurrency -1 when not limited
+#   S rid window delta n (key-index) x n              settle: tokens back into their window, place freed
+# Returns one entry per operation: for A {ok, window, refused, retry ms, (rc rp tc tp) per scope, frac},
+# for S 1. An admission changes nothing unless all of its scopes admit it.
+_BATCH = (
     _COMMON
     + """
-local id, tokens, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = #KEYS / 2
-local S = {}
-local refused, retry = '', 0
+local lease = tonumber(ARGV[2])
 local function wait_for(cur, before, need, limit)
   if need > limit then return -1 end
   if cur + before * (1 - frac) + need <= limit then return 0 end
@@ -61,65 +63,74 @@ local function wait_for(cur, before, need, limit)
   if cur > 0 then return left + math.max(0, (1 - (limit - need) / cur) * W) end
   return left
 end
-for i = 1, n do
-  local s = load(KEYS[2 * i - 1])
-  S[i] = s
-  if refused == '' then
-    local rpm, tpm, conc = tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
-    if rpm >= 0 then
-      local w = wait_for(s.rc, s.rp, 1, rpm)
-      if w ~= 0 then refused, retry = 'requests', w end
+local function save(h, s)
+  redis.call('HSET', h, 'w', s.w, 'rc', s.rc, 'rp', s.rp, 'tc', s.tc, 'tp', s.tp)
+  redis.call('PEXPIRE', h, 2 * W + 1000)
+end
+local out = {}
+local i = 3
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'A' then
+    local id, tokens, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    i = i + 4
+    local S, refused, retry = {}, '', 0
+    for j = 1, n do
+      local k, rpm, tpm, conc = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+      i = i + 4
+      local s = load(KEYS[k])
+      S[j] = {s = s, k = k, conc = conc}
+      if refused == '' and rpm >= 0 then
+        local w = wait_for(s.rc, s.rp, 1, rpm)
+        if w ~= 0 then refused, retry = 'requests', w end
+      end
+      if refused == '' and tpm >= 0 then
+        local w = wait_for(s.tc, s.tp, tokens, tpm)
+        if w < 0 then refused, retry = 'tokens_too_large', 0
+        elseif w > 0 then refused, retry = 'tokens', w end
+      end
+      if refused == '' and conc >= 0 then
+        local f = KEYS[k + 1]
+        redis.call('ZREMRANGEBYSCORE', f, '-inf', now)
+        if redis.call('ZCARD', f) >= conc then refused, retry = 'concurrency', 1000 end
+      end
     end
-    if refused == '' and tpm >= 0 then
-      local w = wait_for(s.tc, s.tp, tokens, tpm)
-      if w < 0 then refused, retry = 'tokens_too_large', 0
-      elseif w > 0 then refused, retry = 'tokens', w end
+    local r = {refused == '' and 1 or 0, win, refused, tostring(retry)}
+    for j = 1, n do
+      local e = S[j]
+      local s = e.s
+      if refused == '' then
+        s.rc, s.tc = s.rc + 1, s.tc + tokens
+        save(KEYS[e.k], s)
+        if e.conc >= 0 then
+          redis.call('ZADD', KEYS[e.k + 1], now + lease, id)
+          redis.call('PEXPIRE', KEYS[e.k + 1], lease + 1000)
+        end
+      end
+      table.insert(r, tostring(s.rc)); table.insert(r, tostring(s.rp))
+      table.insert(r, tostring(s.tc)); table.insert(r, tostring(s.tp))
     end
-    if refused == '' and conc >= 0 then
-      local f = KEYS[2 * i]
-      redis.call('ZREMRANGEBYSCORE', f, '-inf', now)
-      if redis.call('ZCARD', f) >= conc then refused, retry = 'concurrency', 1000 end
+    table.insert(r, tostring(frac))
+    table.insert(out, r)
+  else  -- 'S'
+    local id, at, delta, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    i = i + 5
+    for j = 1, n do
+      local k = tonumber(ARGV[i])
+      i = i + 1
+      local h = KEYS[k]
+      if delta ~= 0 and redis.call('EXISTS', h) == 1 then
+        local s = load(h)
+        if s.w == at then s.tc = math.max(0, s.tc + delta)
+        elseif s.w == at + 1 then s.tp = math.max(0, s.tp + delta) end
+        save(h, s)
+      end
+      redis.call('ZREM', KEYS[k + 1], id)
     end
+    table.insert(out, 1)
   end
 end
-local out = {refused == '' and 1 or 0, win, refused, tostring(retry)}
-for i = 1, n do
-  local s = S[i]
-  if refused == '' then
-    s.rc, s.tc = s.rc + 1, s.tc + tokens
-    local h = KEYS[2 * i - 1]
-    redis.call('HSET', h, 'w', s.w, 'rc', s.rc, 'rp', s.rp, 'tc', s.tc, 'tp', s.tp)
-    redis.call('PEXPIRE', h, 2 * W + 1000)
-    if tonumber(ARGV[4 + 3 * i]) >= 0 then
-      local f = KEYS[2 * i]
-      redis.call('ZADD', f, now + lease, id)
-      redis.call('PEXPIRE', f, lease + 1000)
-    end
-  end
-  table.insert(out, tostring(s.rc)); table.insert(out, tostring(s.rp))
-  table.insert(out, tostring(s.tc)); table.insert(out, tostring(s.tp))
-end
-table.insert(out, tostring(frac))
 return out
-"""
-)
-
-# KEYS as for admission. ARGV: window ms, request id, the window of the reservation, token delta.
-_SETTLE = (
-    _COMMON
-    + """
-local id, at, delta = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-for i = 1, #KEYS / 2 do
-  local h = KEYS[2 * i - 1]
-  if delta ~= 0 and redis.call('EXISTS', h) == 1 then
-    local s = load(h)
-    if s.w == at then s.tc = math.max(0, s.tc + delta)
-    elseif s.w == at + 1 then s.tp = math.max(0, s.tp + delta) end
-    redis.call('HSET', h, 'w', s.w, 'rc', s.rc, 'rp', s.rp, 'tc', s.tc, 'tp', s.tp)
-  end
-  redis.call('ZREM', KEYS[2 * i], id)
-end
-return 1
 """
 )
 
@@ -137,6 +148,70 @@ return 1
 """
 
 
+class _Key(str):
+    """An operation's reference to a key: sent as the key's index in the batch's KEYS."""
+
+    __slots__ = ()
+
+
+class _Batch:
+    """Group commit for one tenant's admissions and settlements (its keys share a Cluster slot): what is
+    queued while the loop runs, and while the previous batch is on its way, goes out as one script call.
+    An admission whose caller left meanwhile (cancelled) is settled in the next batch: its reservation
+    and its place are given back."""
+
+    def __init__(self, store: RedisLimits) -> None:
+        self.store = store
+        self.ops: list[tuple[list[str | int], list[str], Sequence[Scope], str, int]] = []
+        self.waiters: list[asyncio.Future[Any] | None] = []
+        self.running = False
+
+    def submit(
+        self, args: list[str | int], keys: list[str], scopes: Sequence[Scope], request_id: str, tokens: int,
+        *, wait: bool,
+    ) -> asyncio.Future[Any] | None:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future() if wait else None
+        self.ops.append((args, keys, scopes, request_id, tokens))
+        self.waiters.append(fut)
+        if not self.running:
+            self.running = True
+            task = loop.create_task(self._drain())  # runs after the callers ready in this iteration
+            self.store.background.add(task)
+            task.add_done_callback(self.store.background.discard)
+        return fut
+
+    async def _drain(self) -> None:
+        try:
+            while self.ops:
+                ops, waiters = self.ops, self.waiters
+                self.ops, self.waiters = [], []
+                keys: dict[str, int] = {}
+                argv: list[str | int] = [int(WINDOW_S * 1000), int(self.store.lease_s * 1000)]
+                for args, op_keys, *_ in ops:
+                    for key in op_keys:
+                        keys.setdefault(key, len(keys) + 1)
+                    argv += [keys[a] if isinstance(a, _Key) else a for a in args]
+                try:
+                    results = await self.store._batch_script(keys=list(keys), args=argv)
+                except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
+                    for w in waiters:
+                        if w is not None and not w.done():
+                            w.set_exception(exc)
+                    if None in waiters and self.store.on_error is not None:
+                        self.store.on_error(exc)
+                    continue
+                for (args, _, scopes, request_id, tokens), w, r in zip(ops, waiters, results, strict=True):
+                    if w is None:
+                        continue
+                    if not w.cancelled():
+                        w.set_result(r)
+                    elif args[0] == "A" and int(r[0]) == 1:  # admitted for a caller that left
+                        self.store.settle_nowait(scopes, request_id, int(r[1]), -tokens)
+        finally:
+            self.running = False
+
+
 class RedisLimits:
     shared = True
 
@@ -144,10 +219,10 @@ class RedisLimits:
         self.prefix = prefix.rstrip(":") + ":"
         self.lease_s = lease_s
         self.on_error: Callable[[BaseException], None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
-        self._admit = redis.register_script(_ADMIT)
-        self._settle = redis.register_script(_SETTLE)
+        self.background: set[asyncio.Task[None]] = set()
+        self._batch_script = redis.register_script(_BATCH)
         self._renew = redis.register_script(_RENEW)
+        self._batches: dict[str, _Batch] = {}
 
     def _keys(self, scopes: Sequence[Scope]) -> list[str]:
         keys = []
@@ -156,13 +231,26 @@ class RedisLimits:
             keys += [f"{base}c:{s.key}", f"{base}f:{s.key}"]
         return keys
 
+    def _batch(self, tag: str) -> _Batch:
+        batch = self._batches.get(tag)
+        if batch is None:
+            if len(self._batches) >= _MAX_BATCHES:
+                for idle in [t for t, b in self._batches.items() if not b.running and not b.ops]:
+                    del self._batches[idle]
+            batch = self._batches[tag] = _Batch(self)
+        return batch
+
     async def admit(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> Admission:
-        args: list[str | int | float] = [int(WINDOW_S * 1000), request_id, tokens, int(self.lease_s * 1000)]
-        for s in scopes:
+        keys = self._keys(scopes)
+        args: list[str | int] = ["A", request_id, tokens, len(scopes)]
+        for i, s in enumerate(scopes):
             lim = s.limits
+            args.append(_Key(keys[2 * i]))  # sent as its index in KEYS
             for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.concurrent_requests):
                 args.append(-1 if v is None else v)
-        out = await self._admit(keys=self._keys(scopes), args=args)
+        fut = self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, tokens, wait=True)
+        assert fut is not None
+        out = await fut
         ok, window = int(out[0]) == 1, int(out[1])
         refused = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
         retry_s = float(out[3]) / 1000.0
@@ -173,27 +261,24 @@ class RedisLimits:
         tokens_w = tightest((lim.tokens_per_minute, c[2], c[3]) for lim, c in rows)(frac)
         return Admission(ok, window, requests, tokens_w, refused, retry_s)
 
+    def _settle_args(
+        self, scopes: Sequence[Scope], request_id: str, window: int, delta: int
+    ) -> tuple[list[str | int], list[str]]:
+        keys = self._keys(scopes)
+        args: list[str | int] = ["S", request_id, window, delta, len(scopes), *(_Key(k) for k in keys[0::2])]
+        return args, keys
+
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        await self._settle(keys=self._keys(scopes), args=[int(WINDOW_S * 1000), request_id, window, delta])
+        args, keys = self._settle_args(scopes, request_id, window, delta)
+        fut = self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, 0, wait=True)
+        assert fut is not None
+        await fut
 
     def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        """In a task of its own (at most _MAX_PENDING at once; beyond, the places expire after a lease and
-        the tokens stay reserved to the window's end); a failure goes to `on_error`."""
-        if len(self._pending) >= _MAX_PENDING:
-            return
-        task = asyncio.ensure_future(self._settle_quietly(scopes, request_id, window, delta))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _settle_quietly(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        try:
-            await self.settle(scopes, request_id, window, delta)
-        except Exception as exc:  # noqa: BLE001 - reported; the store recovers by expiry
-            if self.on_error is not None:
-                self.on_error(exc)
-
-    async def close(self) -> None:
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        """Queued into the tenant's next batch; a failure goes to `on_error` (the places expire after a
+        lease, the tokens stay reserved to the window's end)."""
+        args, keys = self._settle_args(scopes, request_id, window, delta)
+        self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, 0, wait=False)
 
     async def renew(self, scopes_by_request: Sequence[tuple[Sequence[Scope], str]]) -> None:
         by_tag: dict[str, tuple[list[str], list[str]]] = {}
@@ -206,3 +291,6 @@ class RedisLimits:
                 ids.append(request_id)
         for keys, ids in by_tag.values():  # one script per tenant: its keys share a slot
             await self._renew(keys=keys, args=[int(self.lease_s * 1000), *ids])
+
+    async def close(self) -> None:
+        await asyncio.gather(*self.background, return_exceptions=True)

@@ -4,6 +4,7 @@ and the window arithmetic they share, on a clock of the test's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import uuid
@@ -174,3 +175,27 @@ async def test_a_burst_larger_than_the_connection_pool_waits_for_connections() -
         await client.delete(*keys)
         await client.aclose()
     assert all(a.ok for a in results)
+
+
+async def test_an_admission_whose_caller_left_is_given_back() -> None:
+    """The caller is cancelled (its client left) while its admission is on its way to Redis: whatever
+    the script did for it is undone, so neither its place nor its tokens stay taken. (The in-process
+    store admits without yielding: no caller can leave half-way.)"""
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    store = RedisLimits(redis, prefix=prefix)
+    s = [scope(concurrent_requests=1, tokens_per_minute=100)]
+    task = asyncio.create_task(store.admit(s, "gone", 80))
+    await asyncio.sleep(0)  # queued (Redis: in the batch on its way)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    for _ in range(50):
+        a = await store.admit(s, "next", 80)
+        if a.ok:
+            break
+        await asyncio.sleep(0.02)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    await redis.delete(*keys)
+    await redis.aclose()
+    assert a.ok and a.tokens is not None and a.tokens.remaining == 20
