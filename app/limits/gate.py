@@ -13,9 +13,10 @@ vLLM for token-limited tenants' streams), or nothing when no token came back.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-import uuid
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,13 +119,19 @@ class LimitGate:
         lease = getattr(store, "lease_s", 60.0)
         self.renew_s = renew_s if renew_s is not None else lease / 3
         self._renewer: asyncio.Task[None] | None = None
+        self._plans: dict[int, tuple[TenantView, Limits, tuple[Scope, ...]]] = {}
+        self._prefix = os.urandom(6).hex() + "-"  # request ids: unique across replicas, cheap to make
+        self._ids = itertools.count()
 
     def prepare(self, tenant: TenantView, route: str, body: dict[str, Any], stream: bool) -> Ticket | None:
         """Checks the caps on the body (400 beyond them), puts a max_tokens in where a token limit needs
         one; returns the ticket to admit, or None when no rate or concurrency limit applies."""
         if tenant.limits is None and tenant.key_limits is None:
             return None
-        caps = _merged(tenant)
+        plan = self._plans.get(id(tenant))
+        if plan is None or plan[0] is not tenant:
+            plan = self._plan(tenant)
+        _, caps, scopes = plan
         n = body.get("n", 1)
         if n is None:
             n = 1
@@ -154,17 +161,26 @@ class LimitGate:
         messages = body.get("messages")
         template = TEMPLATE_TOKENS + MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else 0
         reserved = size + id_tokens + template + asked * choices if caps.tokens_per_minute is not None else 0
-        scopes = []
-        if tenant.limits is not None and tenant.limits.counted:
-            scopes.append(Scope(f"t:{tenant.id.hex}", tenant.id.hex, tenant.limits))
-        if tenant.key_limits is not None and tenant.key_limits.counted and tenant.key_id is not None:
-            scopes.append(Scope(f"k:{tenant.key_id.hex}", tenant.id.hex, tenant.key_limits))
         if not scopes:
             return None
         if stream and caps.tokens_per_minute is not None:
             opts = body.get("stream_options") or {}
             body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
-        return Ticket(scopes, uuid.uuid4().hex, reserved)
+        return Ticket(scopes, f"{self._prefix}{next(self._ids)}", reserved)
+
+    def _plan(self, tenant: TenantView) -> tuple[TenantView, Limits, tuple[Scope, ...]]:
+        """A caller's merged caps and its scopes, built once per registry view (the cache hands out the
+        same view until it reloads; holding it keeps its id unique)."""
+        scopes = []
+        if tenant.limits is not None and tenant.limits.counted:
+            scopes.append(Scope(f"t:{tenant.id.hex}", tenant.id.hex, tenant.limits))
+        if tenant.key_limits is not None and tenant.key_limits.counted and tenant.key_id is not None:
+            scopes.append(Scope(f"k:{tenant.key_id.hex}", tenant.id.hex, tenant.key_limits))
+        plan = (tenant, _merged(tenant), tuple(scopes))
+        if len(self._plans) >= 10_000:
+            self._plans.clear()
+        self._plans[id(tenant)] = plan
+        return plan
 
     async def admit(self, ticket: Ticket) -> None:
         """Takes the reservation, or raises RateLimited (429) with Retry-After and the headers."""

@@ -73,15 +73,10 @@ class MemoryLimits:
                 self._counters[scope.key] = c
                 if scope.limits.concurrent_requests is not None:
                     self._inflight.setdefault(scope.key, {})[request_id] = now + self.lease_s
-        requests = tightest(
-            (s.limits.requests_per_minute, c.requests, c.requests_before)
-            for s, c in zip(scopes, counters, strict=True)
-        )
-        token_window = tightest(
-            (s.limits.tokens_per_minute, c.tokens, c.tokens_before)
-            for s, c in zip(scopes, counters, strict=True)
-        )
-        return Admission(not refused, window, requests(frac), token_window(frac), refused, retry)
+        pairs = list(zip(scopes, counters, strict=True))
+        requests = tightest(((s.limits.requests_per_minute, c.requests, c.requests_before) for s, c in pairs), frac)
+        token_window = tightest(((s.limits.tokens_per_minute, c.tokens, c.tokens_before) for s, c in pairs), frac)
+        return Admission(not refused, window, requests, token_window, refused, retry)
 
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
         self.settle_nowait(scopes, request_id, window, delta)

@@ -43,9 +43,9 @@ end
 
 # One tenant's admissions and settlements, in the order they were queued (group commit: see _Batch).
 # KEYS: the counters hash and the in-flight zset of every scope the batch names (pairs). ARGV: window ms,
-# lease ms, then each operation:
-#   A rid tokens n (key-index rpm tpm conc) x n      admit: rates/concurrency -1 when not limited
-#   S rid window delta n (key-index) x n              settle: tokens back into their window, place freed
+# lease ms, then one string per operation (space-separated: one argument to encode instead of ten):
+#   "A rid tokens n (key-index rpm tpm conc) x n"   admit: rates/concurrency -1 when not limited
+#   "S rid window delta n (key-index) x n"           settle: tokens back into their window, place freed
 # Returns one entry per operation: for A {ok, window, refused, retry ms, (rc rp tc tp) per scope, frac},
 # for S 1. An admission changes nothing unless all of its scopes admit it.
 _BATCH = (
@@ -68,15 +68,16 @@ local function save(h, s)
   redis.call('PEXPIRE', h, 2 * W + 1000)
 end
 local out = {}
-local i = 3
-while i <= #ARGV do
-  local op = ARGV[i]
-  if op == 'A' then
-    local id, tokens, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-    i = i + 4
+for a = 3, #ARGV do
+  local f = {}
+  for w in string.gmatch(ARGV[a], '%S+') do f[#f + 1] = w end
+  local i = 1
+  if f[1] == 'A' then
+    local id, tokens, n = f[2], tonumber(f[3]), tonumber(f[4])
+    i = 5
     local S, refused, retry = {}, '', 0
     for j = 1, n do
-      local k, rpm, tpm, conc = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+      local k, rpm, tpm, conc = tonumber(f[i]), tonumber(f[i + 1]), tonumber(f[i + 2]), tonumber(f[i + 3])
       i = i + 4
       local s = load(KEYS[k])
       S[j] = {s = s, k = k, conc = conc}
@@ -113,10 +114,10 @@ while i <= #ARGV do
     table.insert(r, tostring(frac))
     table.insert(out, r)
   else  -- 'S'
-    local id, at, delta, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-    i = i + 5
+    local id, at, delta, n = f[2], tonumber(f[3]), tonumber(f[4]), tonumber(f[5])
+    i = 6
     for j = 1, n do
-      local k = tonumber(ARGV[i])
+      local k = tonumber(f[i])
       i = i + 1
       local h = KEYS[k]
       if delta ~= 0 and redis.call('EXISTS', h) == 1 then
@@ -191,7 +192,7 @@ class _Batch:
                 for args, op_keys, *_ in ops:
                     for key in op_keys:
                         keys.setdefault(key, len(keys) + 1)
-                    argv += [keys[a] if isinstance(a, _Key) else a for a in args]
+                    argv.append(" ".join([str(keys[a]) if isinstance(a, _Key) else str(a) for a in args]))
                 try:
                     results = await self.store._batch_script(keys=list(keys), args=argv)
                 except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
@@ -257,8 +258,8 @@ class RedisLimits:
         frac = float(out[-1])
         counts = [float(x) for x in out[4:-1]]
         rows = [(s.limits, counts[4 * i : 4 * i + 4]) for i, s in enumerate(scopes)]
-        requests = tightest((lim.requests_per_minute, c[0], c[1]) for lim, c in rows)(frac)
-        tokens_w = tightest((lim.tokens_per_minute, c[2], c[3]) for lim, c in rows)(frac)
+        requests = tightest(((lim.requests_per_minute, c[0], c[1]) for lim, c in rows), frac)
+        tokens_w = tightest(((lim.tokens_per_minute, c[2], c[3]) for lim, c in rows), frac)
         return Admission(ok, window, requests, tokens_w, refused, retry_s)
 
     def _settle_args(

@@ -14,7 +14,7 @@ dies frees its requests' places after one lease).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -150,22 +150,18 @@ def reset_in(current: float, before: float, frac: float) -> float:
     return left if before > 0 else 0.0
 
 
-def tightest(
-    scopes: Iterable[tuple[int | None, float, float]],
-) -> Callable[[float], Window | None]:
+def tightest(scopes: Iterable[tuple[int | None, float, float]], frac: float) -> Window | None:
     """The headers' window for one kind: of the scopes limiting it (limit, current, before), the one with
     the fewest left."""
-    found = [(limit, current, before) for limit, current, before in scopes if limit is not None]
-
-    def at(frac: float) -> Window | None:
-        best: Window | None = None
-        for limit, current, before in found:
-            left = max(0, math.floor(limit - estimate(current, before, frac)))
-            if best is None or left < best.remaining:
-                best = Window(limit, left, reset_in(current, before, frac))
-        return best
-
-    return at
+    best: Window | None = None
+    for limit, current, before in scopes:
+        if limit is None:
+            continue
+        left = limit - current - before * (1.0 - frac)
+        remaining = max(0, math.floor(left))
+        if best is None or remaining < best.remaining:
+            best = Window(limit, remaining, reset_in(current, before, frac))
+    return best
 
 
 def duration(seconds: float) -> str:
