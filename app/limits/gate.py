@@ -43,6 +43,7 @@ class Ticket:
     reserved: int
     window: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    admitted: bool = False  # the store counted it: settling gives back what it took
     settled: bool = False
 
 
@@ -200,6 +201,7 @@ class LimitGate:
         if not admission.ok:
             ticket.settled = True
             raise _refusal(admission, ticket)
+        ticket.admitted = True
         self._held[ticket.id] = ticket
         if self.store.shared and (self._renewer is None or self._renewer.done()):
             self._renewer = asyncio.create_task(self._renew_forever())
@@ -207,8 +209,8 @@ class LimitGate:
     def settle(self, ticket: Ticket, used_tokens: int) -> None:
         """The response is over: its real tokens in place of the reservation, its places freed (in the
         background; a failure is logged and the places expire after one lease)."""
-        if ticket.settled:
-            return
+        if ticket.settled or not ticket.admitted:
+            return  # refused, not yet admitted (its caller left: the store undid it), or done
         ticket.settled = True
         self._held.pop(ticket.id, None)
         delta = used_tokens - ticket.reserved if ticket.reserved or used_tokens else 0

@@ -148,15 +148,22 @@ class DataPath:
             client_wants_continuous = bool(opts and opts.get("continuous_usage_stats"))
         # The tenant's caps (400 beyond them) and its reservation under its rates (429 beyond them).
         ticket = self.limits.prepare(tenant, route, body, stream) if self.limits is not None else None
+        admission: asyncio.Future[None] | None = None
         if ticket is not None:
-            await self.limits.admit(ticket)  # type: ignore[union-attr]
-            facts.limit_headers = ticket.headers
+            # Admission runs alongside the placement (one round trip of waiting, not two); the request
+            # goes upstream only once it is admitted (_send).
+            admission = asyncio.ensure_future(self.limits.admit(ticket))  # type: ignore[union-attr]
         try:
             return await self._forward(
                 request, route, body, stream, tenant, target, adapter_id, promoted, facts, ticket,
-                client_wants_usage, client_wants_continuous,
+                admission, client_wants_usage, client_wants_continuous,
             )  # fmt: skip
         except BaseException:
+            if admission is not None:
+                if not admission.done():
+                    admission.cancel()  # the store gives back what it took for a caller that left
+                elif not admission.cancelled():
+                    admission.exception()  # retrieved: a refusal nobody awaited is no error to log
             if ticket is not None:
                 self.limits.settle(ticket, 0)  # type: ignore[union-attr]  # nothing was served: all back
             raise
@@ -173,6 +180,7 @@ class DataPath:
         promoted: Any,
         facts: RequestFacts,
         ticket: Ticket | None,
+        admission: asyncio.Future[None] | None,
         client_wants_usage: bool,
         client_wants_continuous: bool,
     ) -> Response:
@@ -186,8 +194,6 @@ class DataPath:
         body["model"] = target.served_name
         payload = orjson.dumps(body)
         headers = {IGNORED_HEADER: IGNORED_TEXT} if target.ignored_lora_path else {}
-        if ticket is not None:
-            headers.update(ticket.headers)
 
         backends = (
             (promoted.backend,)
@@ -202,7 +208,9 @@ class DataPath:
         watch = Disconnect(request.receive)  # the body is read: from here on, receive() only reports leaving
         started = time.monotonic()
         try:
-            upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload, facts))
+            upstream, lease = await watch.run(
+                self._send(backends, tenant, target, route, payload, facts, ticket, admission)
+            )
         except (RedisError, TimeoutError) as exc:
             watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
@@ -212,6 +220,8 @@ class DataPath:
         except BaseException:
             watch.close()
             raise
+        if ticket is not None:
+            headers.update(ticket.headers)
         done = _Releaser(self.router, lease, self.traffic, adapter_id, promoted is not None, started, facts)
         done.settle = self._settler(tenant, facts, ticket)
         rewrite = _Rewriter(target)
@@ -244,6 +254,8 @@ class DataPath:
         route: str,
         payload: bytes,
         facts: RequestFacts,
+        ticket: Ticket | None = None,
+        admission: asyncio.Future[None] | None = None,
     ) -> tuple[aiohttp.ClientResponse, Lease]:
         pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
         avoid: frozenset[str] = frozenset()
@@ -264,6 +276,15 @@ class DataPath:
                 self._placed(facts, waited, type(exc).__name__)
                 raise
             self._placed(facts, waited, "placed")
+            if admission is not None:
+                try:
+                    await admission  # refused (429) or the store down: the lease goes back
+                except BaseException:
+                    self.router.release_nowait(lease)
+                    raise
+                admission = None
+                if ticket is not None:
+                    facts.limit_headers = ticket.headers
             facts.backend = lease.backend.name
             facts.upstream_started = time.monotonic()
             try:
