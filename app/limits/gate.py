@@ -188,23 +188,70 @@ class LimitGate:
         try:
             admission = await self.store.admit(ticket.scopes, ticket.id, ticket.reserved)
         except (RedisError, TimeoutError, OSError) as exc:
-            if self.outage is not None:
-                self.outage.failed(exc)
-            if self.fail_open:
-                ticket.settled = True  # nothing was taken: nothing to give back
+            if self._store_failed(ticket, exc):
                 return
             raise
+        refusal = self._concluded(ticket, admission)
+        if refusal is not None:
+            raise refusal
+
+    def admit_soon(self, ticket: Ticket) -> asyncio.Future[None]:
+        """`admit` started now, as a future (no task of its own where the store queues admissions): it
+        resolves when the store answers; cancelling it before then undoes the admission."""
+        raw_start = getattr(self.store, "admit_raw", None)
+        if raw_start is None:
+            return asyncio.ensure_future(self.admit(ticket))
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[None] = loop.create_future()
+        raw: asyncio.Future[Any] = raw_start(ticket.scopes, ticket.id, ticket.reserved)
+        parse = self.store.parse  # type: ignore[attr-defined]
+
+        def answered(f: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+                return
+            exc = f.exception()
+            if exc is not None:
+                if isinstance(exc, RedisError | TimeoutError | OSError) and self._store_failed(ticket, exc):
+                    out.set_result(None)
+                else:
+                    out.set_exception(exc)
+                return
+            refusal = self._concluded(ticket, parse(ticket.scopes, f.result()))
+            if refusal is None:
+                out.set_result(None)
+            else:
+                out.set_exception(refusal)
+
+        raw.add_done_callback(answered)
+        out.add_done_callback(lambda o: raw.cancel() if o.cancelled() and not raw.done() else None)
+        return out
+
+    def _store_failed(self, ticket: Ticket, exc: BaseException) -> bool:
+        """The store did not answer: True when the request goes on uncounted (fail open)."""
+        if self.outage is not None:
+            self.outage.failed(exc)
+        if self.fail_open:
+            ticket.settled = True  # nothing was taken: nothing to give back
+            return True
+        return False
+
+    def _concluded(self, ticket: Ticket, admission: Admission) -> RateLimited | None:
+        """The store's answer on the ticket; the refusal to raise, if it was refused."""
         if self.outage is not None:
             self.outage.recovered()
         ticket.window = admission.window
         ticket.headers = headers(admission)
         if not admission.ok:
             ticket.settled = True
-            raise _refusal(admission, ticket)
+            return _refusal(admission, ticket)
         ticket.admitted = True
         self._held[ticket.id] = ticket
         if self.store.shared and (self._renewer is None or self._renewer.done()):
             self._renewer = asyncio.create_task(self._renew_forever())
+        return None
 
     def settle(self, ticket: Ticket, used_tokens: int) -> None:
         """The response is over: its real tokens in place of the reservation, its places freed (in the

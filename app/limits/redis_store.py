@@ -242,6 +242,11 @@ class RedisLimits:
         return batch
 
     async def admit(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> Admission:
+        return self.parse(scopes, await self.admit_raw(scopes, request_id, tokens))
+
+    def admit_raw(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> asyncio.Future[Any]:
+        """The admission queued into the tenant's next batch: a future of the script's answer (`parse`
+        makes it an Admission). Cancelling it before the answer comes undoes the admission."""
         keys = self._keys(scopes)
         args: list[str | int] = ["A", request_id, tokens, len(scopes)]
         for i, s in enumerate(scopes):
@@ -251,7 +256,10 @@ class RedisLimits:
                 args.append(-1 if v is None else v)
         fut = self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, tokens, wait=True)
         assert fut is not None
-        out = await fut
+        return fut
+
+    @staticmethod
+    def parse(scopes: Sequence[Scope], out: Any) -> Admission:
         ok, window = int(out[0]) == 1, int(out[1])
         refused = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
         retry_s = float(out[3]) / 1000.0

@@ -152,7 +152,7 @@ class DataPath:
         if ticket is not None:
             # Admission runs alongside the placement (one round trip of waiting, not two); the request
             # goes upstream only once it is admitted (_send).
-            admission = asyncio.ensure_future(self.limits.admit(ticket))  # type: ignore[union-attr]
+            admission = self.limits.admit_soon(ticket)  # type: ignore[union-attr]
         try:
             return await self._forward(
                 request, route, body, stream, tenant, target, adapter_id, promoted, facts, ticket,
