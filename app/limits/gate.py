@@ -6,8 +6,8 @@ text, since every token of a byte-level tokenizer covers at least one byte, plus
 message; a prompt given as token ids counts exactly) and max_tokens x n for the completion. A tenant with a
 token limit who sends no max_tokens gets one (its cap, or GATEWAY_LIMITS_DEFAULT_MAX_TOKENS) put into the
 request, so no response can outgrow its reservation. Settling puts the backend's own count in its place:
-the usage report, or for a stream cut short the last of the per-chunk reports (continuous usage, asked of
-vLLM for token-limited tenants' streams), or nothing when no token came back.
+the usage report, or for a stream cut short the last of the per-chunk reports (continuous usage, which
+the data path asks of vLLM for every stream), or nothing when no token came back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_TOKENS = 32  # a chat template's tokens around the messages (system prompt defaults included)
 MESSAGE_TOKENS = 8  # and around each message (role markers)
+PROMPT_TOKENS = 8  # a completions prompt's special tokens (BOS and the like)
+MAX_HOLD_S = 6 * 3600.0  # no request holds a concurrency place longer (a ticket never settled: a bug)
 
 
 @dataclass(slots=True)
@@ -45,6 +48,7 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     admitted: bool = False  # the store counted it: settling gives back what it took
     settled: bool = False
+    since: float = 0.0  # when it was admitted (time.monotonic())
 
 
 def _min(*values: int | None) -> int | None:
@@ -76,8 +80,10 @@ def prompt_bytes(body: dict[str, Any]) -> tuple[int, int]:
                 size += len(content.encode())
             elif isinstance(content, list):
                 for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        size += len(part["text"].encode())
+                    if isinstance(part, dict):
+                        for text in (part.get("text"), part.get("refusal")):
+                            if isinstance(text, str):
+                                size += len(text.encode())
             for extra in ("name", "tool_calls", "tool_call_id"):
                 if m.get(extra) is not None:
                     size += len(str(m[extra]).encode())
@@ -124,7 +130,7 @@ class LimitGate:
         self._prefix = os.urandom(6).hex() + "-"  # request ids: unique across replicas, cheap to make
         self._ids = itertools.count()
 
-    def prepare(self, tenant: TenantView, route: str, body: dict[str, Any], stream: bool) -> Ticket | None:
+    def prepare(self, tenant: TenantView, body: dict[str, Any]) -> Ticket | None:
         """Checks the caps on the body (400 beyond them), puts a max_tokens in where a token limit needs
         one; returns the ticket to admit, or None when no rate or concurrency limit applies."""
         if tenant.limits is None and tenant.key_limits is None:
@@ -149,9 +155,11 @@ class LimitGate:
         if asked is not None and caps.max_tokens is not None and asked > caps.max_tokens:
             raise InvalidRequest(f"'{key}' may be at most {caps.max_tokens} for your account", param=key)
         size, id_tokens = prompt_bytes(body)
-        if caps.max_prompt_bytes is not None and size > caps.max_prompt_bytes:
+        if caps.max_prompt_bytes is not None and size + id_tokens > caps.max_prompt_bytes:
+            # A prompt of token ids counts one byte a token (each stands for at least one).
             raise InvalidRequest(
-                f"the prompt is {size} bytes; at most {caps.max_prompt_bytes} are allowed for your account",
+                f"the prompt is {size + id_tokens} bytes; at most {caps.max_prompt_bytes} are allowed for "
+                "your account",
                 param="messages" if "messages" in body else "prompt",
             )
         if asked is None and (caps.tokens_per_minute is not None or caps.max_tokens is not None):
@@ -160,13 +168,10 @@ class LimitGate:
         if asked is None:
             asked = 0  # no token limit: nothing is reserved for the completion
         messages = body.get("messages")
-        template = TEMPLATE_TOKENS + MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else 0
+        template = TEMPLATE_TOKENS + MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else PROMPT_TOKENS
         reserved = size + id_tokens + template + asked * choices if caps.tokens_per_minute is not None else 0
         if not scopes:
             return None
-        if stream and caps.tokens_per_minute is not None:
-            opts = body.get("stream_options") or {}
-            body["stream_options"] = {**opts, "include_usage": True, "continuous_usage_stats": True}
         return Ticket(scopes, f"{self._prefix}{next(self._ids)}", reserved)
 
     def _plan(self, tenant: TenantView) -> tuple[TenantView, Limits, tuple[Scope, ...]]:
@@ -208,6 +213,12 @@ class LimitGate:
 
         def answered(f: asyncio.Future[Any]) -> None:
             if out.done():
+                # The caller left between the store's answer and this callback: whatever was taken for
+                # it goes back (the store undoes only admissions cancelled before it answered).
+                if not f.cancelled() and f.exception() is None:
+                    admission = parse(ticket.scopes, f.result())
+                    if admission.ok:
+                        self.store.settle_nowait(ticket.scopes, ticket.id, admission.window, -ticket.reserved)
                 return
             if f.cancelled():
                 out.cancel()
@@ -248,8 +259,9 @@ class LimitGate:
             ticket.settled = True
             return _refusal(admission, ticket)
         ticket.admitted = True
+        ticket.since = time.monotonic()
         self._held[ticket.id] = ticket
-        if self.store.shared and (self._renewer is None or self._renewer.done()):
+        if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.create_task(self._renew_forever())
         return None
 
@@ -264,8 +276,15 @@ class LimitGate:
         self.store.settle_nowait(ticket.scopes, ticket.id, ticket.window, delta)
 
     async def _renew_forever(self) -> None:
+        """Every third of a lease, the places of the requests still running; a ticket held longer than
+        MAX_HOLD_S (no response runs that long: one that was never settled) is let go, its place expiring
+        one lease later."""
         while self._held:
             await asyncio.sleep(self.renew_s)
+            too_old = time.monotonic() - MAX_HOLD_S
+            for stale in [t for t in self._held.values() if t.since < too_old]:
+                log.error("limits: request %s held its place for %.0f s; letting it go", stale.id, MAX_HOLD_S)
+                self._held.pop(stale.id, None)
             held = [(t.scopes, t.id) for t in self._held.values()]
             try:
                 await self.store.renew(held)
@@ -315,4 +334,5 @@ def _refusal(admission: Admission, ticket: Ticket) -> RateLimited:
         message = "too many concurrent requests"
     exc = RateLimited(f"{message}; retry after the time in Retry-After", headers=retry)
     exc.limit = kind
+    exc.type = "tokens" if kind.startswith("tokens") else "requests"  # as OpenAI types its 429s
     return exc

@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import UsageHour
@@ -72,9 +73,12 @@ class UsageMeter:
                 return 0
             batch, self._sums = self._sums, {}
             try:
-                async with self._sessionmaker() as session:
-                    await session.execute(_upsert(session), [_values(row, sums) for row, sums in batch.items()])
-                    await session.commit()
+                try:
+                    await self._write(list(batch.items()))
+                except IntegrityError:
+                    # A tenant or key deleted meanwhile (its rows can go nowhere): row by row, so that
+                    # every other tenant's usage is written and only the orphans are dropped.
+                    await self._write_each(batch)
             except BaseException:
                 for row, sums in batch.items():
                     mine = self._sums.setdefault(row, [0, 0, 0])
@@ -82,6 +86,19 @@ class UsageMeter:
                         mine[i] += sums[i]
                 raise
             return len(batch)
+
+    async def _write(self, rows: list[tuple[Row, list[int]]]) -> None:
+        async with self._sessionmaker() as session:
+            await session.execute(_upsert(session), [_values(row, sums) for row, sums in rows])
+            await session.commit()
+
+    async def _write_each(self, batch: dict[Row, list[int]]) -> None:
+        for row in list(batch):
+            try:
+                await self._write([(row, batch[row])])
+            except IntegrityError:
+                log.warning("usage of a deleted tenant or key dropped: %d requests", batch[row][0])
+            del batch[row]  # written or dropped: not merged back if a later row fails otherwise
 
     async def run(self) -> None:
         while True:

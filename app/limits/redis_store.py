@@ -15,10 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.limits.state import WINDOW_S, Admission, Scope, tightest
 
 _MAX_BATCHES = 10_000  # tenants with a batch object kept; idle ones are dropped beyond it
+_BATCH_OPS = 256  # operations per script call
 
 # Shared by both scripts: the window arithmetic of app.limits.state, in Lua.
 _COMMON = """
@@ -141,7 +143,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[i + 1]) >= 0 then
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[i + 1]) > 0 then
     redis.call('PEXPIRE', KEYS[i], lease + 1000)
   end
 end
@@ -183,10 +185,12 @@ class _Batch:
         return fut
 
     async def _drain(self) -> None:
+        waiters: list[asyncio.Future[Any] | None] = []
         try:
             while self.ops:
-                ops, waiters = self.ops, self.waiters
-                self.ops, self.waiters = [], []
+                # At most _BATCH_OPS per call: one script run stays short for every other client.
+                ops, waiters = self.ops[:_BATCH_OPS], self.waiters[:_BATCH_OPS]
+                self.ops, self.waiters = self.ops[_BATCH_OPS:], self.waiters[_BATCH_OPS:]
                 keys: dict[str, int] = {}
                 argv: list[str | int] = [int(WINDOW_S * 1000), int(self.store.lease_s * 1000)]
                 for args, op_keys, *_ in ops:
@@ -209,6 +213,14 @@ class _Batch:
                         w.set_result(r)
                     elif args[0] == "A" and int(r[0]) == 1:  # admitted for a caller that left
                         self.store.settle_nowait(scopes, request_id, int(r[1]), -tokens)
+                waiters = []
+        except BaseException as exc:
+            # The drain itself failed (a bug, shutdown): nobody may wait for an answer forever.
+            for w in waiters + self.waiters:
+                if w is not None and not w.done():
+                    w.set_exception(exc if isinstance(exc, Exception) else RedisError("limits batch stopped"))
+            self.ops, self.waiters = [], []
+            raise
         finally:
             self.running = False
 

@@ -64,7 +64,7 @@ async def test_requests_per_minute_answer_429_with_openai_headers(
     refused = await client.post(CHAT, json={"model": "support", "messages": HI}, headers=auth(tenant_key))
     assert refused.status_code == 429
     error = refused.json()["error"]
-    assert (error["type"], error["code"]) == ("rate_limit_exceeded", "rate_limit_exceeded")
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")  # as OpenAI types them
     assert "requests per minute" in error["message"]
     assert 1 <= int(refused.headers["retry-after"]) <= 120
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
@@ -208,3 +208,43 @@ async def test_usage_is_metered_per_adapter_key_and_hour_and_exported(
         resp = await admin.get("/admin/v1/tenants/acme/usage", params=bad)
         assert resp.status_code == 400, (bad, resp.text)
     assert (await admin.get("/admin/v1/tenants/nobody/usage")).status_code == 404
+
+
+async def test_prompt_caps_count_every_part_of_the_prompt(
+    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str
+) -> None:
+    """Refusal parts reach the template too, and a prompt of token ids counts a byte per token."""
+    await limit(admin, max_prompt_bytes=40)
+    parts = [{"type": "text", "text": "a" * 20}, {"type": "refusal", "refusal": "b" * 21}]
+    resp = await client.post(
+        CHAT, json={"model": "support", "messages": [{"role": "assistant", "content": parts}]}, headers=auth(tenant_key)
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
+    ids = await client.post("/v1/completions", json={"model": "support", "prompt": list(range(41))}, headers=auth(tenant_key))
+    assert ids.status_code == 400 and ids.json()["error"]["param"] == "prompt"
+
+
+async def test_a_cut_stream_of_an_unlimited_tenant_is_metered_what_its_chunks_reported(
+    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    """Every stream asks the backend for per-chunk usage (and strips it for the client): billing of a
+    stream cut short does not depend on the tenant having token limits."""
+    script.mode = "die_mid_stream"
+    resp = await client.post(CHAT, json={"model": "support", "messages": HI, "stream": True}, headers=auth(tenant_key))
+    assert resp.status_code == 200 and '"usage"' not in resp.text
+    assert script.bodies[-1]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    usage = (await admin.get("/admin/v1/tenants/acme/usage")).json()["totals"]
+    assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 3, 2)
+
+
+async def test_usage_of_a_deleted_tenant_does_not_hold_back_everyone_elses(
+    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str
+) -> None:
+    await registry.tenant(admin, "gone")
+    gone_key = (await registry.api_key(admin, "gone"))["key"]
+    for key, model in ((tenant_key, "support"), (gone_key, "tiny-llama")):
+        resp = await client.post(CHAT, json={"model": model, "messages": HI}, headers=auth(key))
+        assert resp.status_code == 200
+    assert (await admin.delete("/admin/v1/tenants/gone")).status_code == 204  # its usage is not written yet
+    usage = await admin.get("/admin/v1/tenants/acme/usage")
+    assert usage.status_code == 200 and usage.json()["totals"]["requests"] == 1

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from app.errors import RateLimited
 from app.limits.memory import MemoryLimits
 from app.limits.redis_store import RedisLimits
 from app.limits.state import Limits, LimitStore, Scope, duration, reset_in, wait_for
@@ -199,3 +200,61 @@ async def test_an_admission_whose_caller_left_is_given_back() -> None:
     await redis.delete(*keys)
     await redis.aclose()
     assert a.ok and a.tokens is not None and a.tokens.remaining == 20
+
+
+async def test_the_gate_renews_places_of_requests_still_running_in_either_store(store: LimitStore) -> None:
+    """A request that runs longer than a lease keeps its place: the gate renews it (the in-process store
+    too), and frees it when the response ends."""
+    from app.limits.gate import LimitGate, Ticket
+
+    gate = LimitGate(store, renew_s=0.3)  # the stores' lease here: 1 s
+    s = [scope(concurrent_requests=1)]
+    long = Ticket(s, rid(), 0)
+    await gate.admit_soon(long)
+    await asyncio.sleep(1.5)  # past one lease: only the renewals keep it
+    with pytest.raises(RateLimited):
+        await gate.admit_soon(Ticket(s, rid(), 0))
+    gate.settle(long, 0)
+    await asyncio.sleep(0.05)
+    await gate.admit_soon(Ticket(s, rid(), 0))
+    await gate.close()
+
+
+async def test_an_admission_answered_after_its_caller_left_is_given_back() -> None:
+    """The store's answer arrives, and the caller is cancelled before the gate reads it (the gap between
+    Redis answering and the admission's callback): the gate undoes the admission itself."""
+    from app.limits.gate import LimitGate, Ticket
+
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    store = RedisLimits(redis, prefix=prefix)
+    gate = LimitGate(store)
+    held: dict[str, asyncio.Future[None]] = {}
+    start = store.admit_raw
+
+    def racing(*args: object) -> asyncio.Future[object]:
+        raw = start(*args)  # type: ignore[arg-type]
+        raw.add_done_callback(lambda _: held["out"].cancel())  # runs before the gate's own callback
+        return raw
+
+    store.admit_raw = racing  # type: ignore[method-assign]
+    s = [scope(concurrent_requests=1, tokens_per_minute=100)]
+    try:
+        held["out"] = gate.admit_soon(Ticket(s, "gone", 80))
+        with contextlib.suppress(asyncio.CancelledError):
+            await held["out"]
+        store.admit_raw = start  # type: ignore[method-assign]
+        for _ in range(50):
+            try:
+                await gate.admit_soon(Ticket(s, rid(), 80))
+                break
+            except RateLimited:
+                await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the cancelled admission kept its place")
+    finally:
+        await gate.close()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()

@@ -147,16 +147,17 @@ class DataPath:
             client_wants_usage = bool(opts and opts.get("include_usage"))
             client_wants_continuous = bool(opts and opts.get("continuous_usage_stats"))
         # The tenant's caps (400 beyond them) and its reservation under its rates (429 beyond them).
-        ticket = self.limits.prepare(tenant, route, body, stream) if self.limits is not None else None
+        ticket = self.limits.prepare(tenant, body) if self.limits is not None else None
         admission: asyncio.Future[None] | None = None
-        if ticket is not None:
-            # Admission runs alongside the placement (one round trip of waiting, not two); the request
-            # goes upstream only once it is admitted (_send).
-            admission = self.limits.admit_soon(ticket)  # type: ignore[union-attr]
         try:
+            if ticket is not None:
+                # Admitted before it is placed: a refused request loads and evicts nothing.
+                admission = self.limits.admit_soon(ticket)  # type: ignore[union-attr]
+                await admission
+                facts.limit_headers = ticket.headers
             return await self._forward(
                 request, route, body, stream, tenant, target, adapter_id, promoted, facts, ticket,
-                admission, client_wants_usage, client_wants_continuous,
+                client_wants_usage, client_wants_continuous,
             )  # fmt: skip
         except BaseException:
             if admission is not None:
@@ -180,17 +181,19 @@ class DataPath:
         promoted: Any,
         facts: RequestFacts,
         ticket: Ticket | None,
-        admission: asyncio.Future[None] | None,
         client_wants_usage: bool,
         client_wants_continuous: bool,
     ) -> Response:
         strip_usage = False
         if stream:
-            opts = body.get("stream_options") or {}
-            # Always ask for usage upstream; the chunk is dropped again if the client did not ask, and
-            # per-chunk usage (asked for token-limited tenants) is taken out of the chunks.
-            strip_usage = bool(opts.get("continuous_usage_stats")) and not client_wants_continuous
-            body["stream_options"] = {**opts, "include_usage": True}
+            # Usage is always asked for upstream, per chunk too: a stream cut short (the client left, the
+            # backend died) is charged and metered what the backend had reported by its last chunk. What
+            # the client did not ask for is taken out again (the final chunk dropped, per-chunk usage
+            # removed from the chunks).
+            body["stream_options"] = {
+                **(body.get("stream_options") or {}), "include_usage": True, "continuous_usage_stats": True,
+            }  # fmt: skip
+            strip_usage = not client_wants_continuous
         body["model"] = target.served_name
         payload = orjson.dumps(body)
         headers = {IGNORED_HEADER: IGNORED_TEXT} if target.ignored_lora_path else {}
@@ -208,9 +211,7 @@ class DataPath:
         watch = Disconnect(request.receive)  # the body is read: from here on, receive() only reports leaving
         started = time.monotonic()
         try:
-            upstream, lease = await watch.run(
-                self._send(backends, tenant, target, route, payload, facts, ticket, admission)
-            )
+            upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload, facts))
         except (RedisError, TimeoutError) as exc:
             watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
@@ -254,8 +255,6 @@ class DataPath:
         route: str,
         payload: bytes,
         facts: RequestFacts,
-        ticket: Ticket | None = None,
-        admission: asyncio.Future[None] | None = None,
     ) -> tuple[aiohttp.ClientResponse, Lease]:
         pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
         avoid: frozenset[str] = frozenset()
@@ -276,15 +275,6 @@ class DataPath:
                 self._placed(facts, waited, type(exc).__name__)
                 raise
             self._placed(facts, waited, "placed")
-            if admission is not None:
-                try:
-                    await admission  # refused (429) or the store down: the lease goes back
-                except BaseException:
-                    self.router.release_nowait(lease)
-                    raise
-                admission = None
-                if ticket is not None:
-                    facts.limit_headers = ticket.headers
             facts.backend = lease.backend.name
             facts.upstream_started = time.monotonic()
             try:
@@ -636,10 +626,12 @@ class SseProxy(Response):
         self.watch.on_gone = self.upstream.close
         if self.watch.gone:
             self.upstream.close()
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         clean = ended = False
         facts = self.done.facts
         try:
+            # Inside the try: a client gone before the first byte still gets its lease and its
+            # reservation given back (the finally).
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             buffer = b""
             try:
                 async for chunk in self.upstream.content.iter_any():
