@@ -39,8 +39,8 @@ _MAX_RATE = 1_000_000_000  # per minute: far above any real tenant, inside a 64-
 
 
 class LimitsIn(BaseModel):
-    """A tenant's (or one API key's) limits; an absent field is no limit. Rates count over any minute
-    (a sliding window), across every gateway replica."""
+    """A tenant's (or one API key's) limits; an absent field is no limit. Rates count per minute across
+    every gateway replica (a sliding window estimated from two clock minutes: README, "Tenant limits")."""
 
     model_config = ConfigDict(extra="forbid")
     requests_per_minute: int | None = Field(None, ge=1, le=_MAX_RATE)
