@@ -87,6 +87,8 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
         if lib.handlers or name != "uvicorn.access":
             lib.handlers.clear()
             lib.propagate = True
+        lib.setLevel(logging.NOTSET)  # GATEWAY_LOG_LEVEL (the root's) decides, not uvicorn's --log-level
+        lib.disabled = False
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(

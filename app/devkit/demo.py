@@ -18,7 +18,7 @@ import httpx
 import uvicorn
 from rich.console import Console
 
-from app import security
+from app import logs, security
 from app.backends.launcher import VllmCpuConfig, VllmCpuServer
 from app.main import create_app
 from app.settings import Settings
@@ -142,6 +142,7 @@ async def run_demo(settings: Settings, *, admin_key: str, vllm_venv: Path, vllm_
             log_level="warning",
         )
     )
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)  # after uvicorn's own set-up: ours wins
     # Ctrl-C or SIGTERM ends the gateway; the finally below then stops vLLM too.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
