@@ -187,7 +187,7 @@ class Metrics:
         # Several worker processes share their values through files (prometheus-client's multiprocess
         # mode): a series there cannot be removed, so labels are admitted and never re-ranked (at most
         # workers x the limit values, the first-comers of each process).
-        self.multiprocess = multiprocess_dir() is not None
+        self.multiprocess = multiprocess_dir()
         self.tenant_label = tenant_label
         self.models = TopLabels(max_models, rerank_s=rerank_s)
         self.tenants = TopLabels(max_tenants, rerank_s=rerank_s)
@@ -384,7 +384,7 @@ class Metrics:
 
     def scrape(self) -> bytes:
         """The exposition text; re-ranks the model and tenant labels first when it is time."""
-        mp = multiprocess_dir()
+        mp = self.multiprocess
         if mp is not None:
             from prometheus_client import multiprocess
 
