@@ -207,6 +207,8 @@ def create_app(settings: Settings) -> FastPath:
             with contextlib.suppress(Exception):
                 await routes.leave()
             await client.close()
+            if isinstance(store, RedisResidency):
+                await store.close()
             if redis is not None:
                 await redis.aclose()
             await engine.dispose()

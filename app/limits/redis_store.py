@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.limits.state import WINDOW_S, Admission, Scope, tightest
+from app.scriptcall import ScriptCall
 
 _MAX_BATCHES = 10_000  # tenants with a batch object kept; idle ones are dropped beyond it
 _BATCH_OPS = 256  # operations per script call
@@ -233,7 +234,7 @@ class RedisLimits:
         self.lease_s = lease_s
         self.on_error: Callable[[BaseException], None] | None = None
         self.background: set[asyncio.Task[None]] = set()
-        self._batch_script = redis.register_script(_BATCH)
+        self._batch_script = ScriptCall(redis, _BATCH)  # on connections of its own: app/scriptcall.py
         self._renew = redis.register_script(_RENEW)
         self._batches: dict[str, _Batch] = {}
 
@@ -315,3 +316,4 @@ class RedisLimits:
 
     async def close(self) -> None:
         await asyncio.gather(*self.background, return_exceptions=True)
+        await self._batch_script.close()

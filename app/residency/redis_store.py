@@ -22,11 +22,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from app.residency.memory import GONE_GRACE_S
 from app.residency.state import BackendSlots, BackendState, Outcome, Reservation
+from app.scriptcall import ScriptCall
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class _HotBatch:
     whose caller was cancelled meanwhile still happens on the server: the lease it took is released in
     the next batch."""
 
-    def __init__(self, script: AsyncScript, prefix: str, lease_ms: int) -> None:
+    def __init__(self, script: ScriptCall, prefix: str, lease_ms: int) -> None:
         self.script, self.prefix, self.lease_ms = script, prefix, lease_ms
         self.ops: list[str] = []
         self.backends: dict[str, None] = {}  # the backends the queued operations name, for KEYS
@@ -544,7 +544,7 @@ class RedisResidency:
         self.lock_ms = int(lock_ttl_s * 1000)
         self.lease_ttl_s = lease_ttl_s
         self.lease_ms = int(lease_ttl_s * 1000)
-        self._hot = redis.register_script(_HOT)
+        self._hot = ScriptCall(redis, _HOT)  # the hot path's calls, on connections of their own
         self._batches: dict[str, _HotBatch] = {}  # one per pool (base model)
         self._acquire = redis.register_script(_ACQUIRE)
         self._snapshot = redis.register_script(_SNAPSHOT)
@@ -682,3 +682,7 @@ class RedisResidency:
 
     async def drop_backend(self, pool: str, backend: str) -> None:
         await self.redis.delete(*_keys(self._key(pool), (backend,))[3:])
+
+    async def close(self) -> None:
+        """Closes the hot path's own connections (at shutdown, before the client)."""
+        await self._hot.close()

@@ -32,7 +32,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
         return
     redis = Redis.from_url(REDIS_URL)
     prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
-    yield RedisLimits(redis, prefix=prefix, lease_s=1.0)
+    limits = RedisLimits(redis, prefix=prefix, lease_s=1.0)
+    yield limits
+    await limits.close()
     keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
     if keys:
         await redis.delete(*keys)
