@@ -20,8 +20,11 @@ from redis.exceptions import RedisError
 from app.limits.state import WINDOW_S, Admission, Scope, tightest
 from app.scriptcall import ScriptCall
 
-_MAX_BATCHES = 10_000  # tenants with a batch object kept; idle ones are dropped beyond it
+_MAX_BATCHES = 10_000  # sets of scopes with a batch object kept; idle ones are dropped beyond it
 _BATCH_OPS = 256  # operations per script call
+# The most a settlement waits for a call to ride on: its place is freed, its tokens given back this much
+# later (a refusal at the very edge of a concurrency limit may come this much sooner than it need).
+SETTLE_DELAY_S = 0.005
 
 # Shared by both scripts: the window arithmetic of app.limits.state, in Lua.
 _COMMON = """
@@ -152,54 +155,79 @@ return 1
 """
 
 
-class _Key(str):
-    """An operation's reference to a key: sent as the key's index in the batch's KEYS."""
-
-    __slots__ = ()
-
-
 class _Batch:
-    """Group commit for one tenant's admissions and settlements (its keys share a Cluster slot): what is
-    queued while the loop runs, and while the previous batch is on its way, goes out as one script call.
-    An admission whose caller left meanwhile (cancelled) is settled in the next batch: its reservation
-    and its place are given back."""
+    """Group commit for one set of scopes (a tenant's, or a tenant's and a key's: its keys share a Cluster
+    slot): what is queued while the loop runs, and while the previous call is on its way, goes out as one
+    script call, on KEYS that are the same for every operation (so each operation's string is made once,
+    at submit). An admission whose caller left meanwhile (cancelled) is settled in the next batch: its
+    reservation and its place are given back.
 
-    def __init__(self, store: RedisLimits) -> None:
-        self.store = store
-        self.ops: list[tuple[list[str | int], list[str], Sequence[Scope], str, int]] = []
+    A settlement nobody waits for rides on the next call, an admission's or its own after SETTLE_DELAY_S:
+    under load most settlements then cost no call of their own."""
+
+    __slots__ = ("admit_tail", "keys", "ops", "running", "scopes", "settle_tail", "store", "timer", "waiters")
+
+    def __init__(self, store: RedisLimits, scopes: Sequence[Scope]) -> None:
+        self.store, self.scopes = store, scopes
+        self.keys = store._keys(scopes)
+        # Operation strings (the script's format, above): scope i's counters are KEYS[2i + 1], its in-flight
+        # set KEYS[2i + 2].
+        admit = [str(len(scopes))]
+        for i, sc in enumerate(scopes):
+            lim = sc.limits
+            admit.append(str(2 * i + 1))
+            admit += [
+                str(-1 if v is None else v)
+                for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.concurrent_requests)
+            ]
+        self.admit_tail = " ".join(admit)
+        self.settle_tail = " ".join([str(len(scopes)), *(str(2 * i + 1) for i in range(len(scopes)))])
+        self.ops: list[tuple[str, str, int]] = []  # (operation, request id, tokens reserved)
         self.waiters: list[asyncio.Future[Any] | None] = []
         self.running = False
+        self.timer: asyncio.TimerHandle | None = None
 
-    def submit(
-        self, args: list[str | int], keys: list[str], scopes: Sequence[Scope], request_id: str, tokens: int,
-        *, wait: bool,
-    ) -> asyncio.Future[Any] | None:  # fmt: skip
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future() if wait else None
-        self.ops.append((args, keys, scopes, request_id, tokens))
+    def admit(self, request_id: str, tokens: int) -> asyncio.Future[Any]:
+        fut = asyncio.get_running_loop().create_future()
+        self.ops.append((f"A {request_id} {tokens} {self.admit_tail}", request_id, tokens))
         self.waiters.append(fut)
-        if not self.running:
-            self.running = True
-            task = loop.create_task(self._drain())  # runs after the callers ready in this iteration
-            self.store.background.add(task)
-            task.add_done_callback(self.store.background.discard)
+        self._start()
         return fut
+
+    def settle(self, request_id: str, window: int, delta: int, *, wait: bool) -> asyncio.Future[Any] | None:
+        fut = asyncio.get_running_loop().create_future() if wait else None
+        self.ops.append((f"S {request_id} {window} {delta} {self.settle_tail}", request_id, 0))
+        self.waiters.append(fut)
+        if wait:
+            self._start()
+        elif not self.running and self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._start)
+        return fut
+
+    def _start(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.running or not self.ops:
+            return
+        self.running = True
+        # The task's first step runs after the callers ready in this iteration: they join this call.
+        task = asyncio.get_running_loop().create_task(self._drain())
+        self.store.background.add(task)
+        task.add_done_callback(self.store.background.discard)
 
     async def _drain(self) -> None:
         waiters: list[asyncio.Future[Any] | None] = []
+        head = [int(WINDOW_S * 1000), int(self.store.lease_s * 1000)]
         try:
             while self.ops:
                 # At most _BATCH_OPS per call: one script run stays short for every other client.
                 ops, waiters = self.ops[:_BATCH_OPS], self.waiters[:_BATCH_OPS]
                 self.ops, self.waiters = self.ops[_BATCH_OPS:], self.waiters[_BATCH_OPS:]
-                keys: dict[str, int] = {}
-                argv: list[str | int] = [int(WINDOW_S * 1000), int(self.store.lease_s * 1000)]
-                for args, op_keys, *_ in ops:
-                    for key in op_keys:
-                        keys.setdefault(key, len(keys) + 1)
-                    argv.append(" ".join([str(keys[a]) if isinstance(a, _Key) else str(a) for a in args]))
                 try:
-                    results = await self.store._batch_script(keys=list(keys), args=argv)
+                    results = await self.store._batch_script(
+                        keys=self.keys, args=[*head, *(o[0] for o in ops)]
+                    )
                 except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
                     for w in waiters:
                         if w is not None and not w.done():
@@ -207,13 +235,13 @@ class _Batch:
                     if None in waiters and self.store.on_error is not None:
                         self.store.on_error(exc)
                     continue
-                for (args, _, scopes, request_id, tokens), w, r in zip(ops, waiters, results, strict=True):
+                for (op, request_id, tokens), w, r in zip(ops, waiters, results, strict=True):
                     if w is None:
                         continue
                     if not w.cancelled():
                         w.set_result(r)
-                    elif args[0] == "A" and int(r[0]) == 1:  # admitted for a caller that left
-                        self.store.settle_nowait(scopes, request_id, int(r[1]), -tokens)
+                    elif op[0] == "A" and int(r[0]) == 1:  # admitted for a caller that left
+                        self.settle(request_id, int(r[1]), -tokens, wait=False)
                 waiters = []
         except BaseException as exc:
             # The drain itself failed (a bug, shutdown): nobody may wait for an answer forever.
@@ -236,7 +264,9 @@ class RedisLimits:
         self.background: set[asyncio.Task[None]] = set()
         self._batch_script = ScriptCall(redis, _BATCH)  # on connections of its own: app/scriptcall.py
         self._renew = redis.register_script(_RENEW)
-        self._batches: dict[str, _Batch] = {}
+        # One batch per set of scopes, found by the set's identity (the gate's plan hands out the same
+        # tuple for a registry view until it reloads); the batch holds the set, so its id stays unique.
+        self._batches: dict[int, _Batch] = {}
 
     def _keys(self, scopes: Sequence[Scope]) -> list[str]:
         keys = []
@@ -245,31 +275,22 @@ class RedisLimits:
             keys += [f"{base}c:{s.key}", f"{base}f:{s.key}"]
         return keys
 
-    def _batch(self, tag: str) -> _Batch:
-        batch = self._batches.get(tag)
-        if batch is None:
+    def _batch(self, scopes: Sequence[Scope]) -> _Batch:
+        batch = self._batches.get(id(scopes))
+        if batch is None or batch.scopes is not scopes:
             if len(self._batches) >= _MAX_BATCHES:
-                for idle in [t for t, b in self._batches.items() if not b.running and not b.ops]:
+                for idle in [k for k, b in self._batches.items() if not b.running and not b.ops]:
                     del self._batches[idle]
-            batch = self._batches[tag] = _Batch(self)
+            batch = self._batches[id(scopes)] = _Batch(self, scopes)
         return batch
 
     async def admit(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> Admission:
         return self.parse(scopes, await self.admit_raw(scopes, request_id, tokens))
 
     def admit_raw(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> asyncio.Future[Any]:
-        """The admission queued into the tenant's next batch: a future of the script's answer (`parse`
+        """The admission queued into its scopes' next batch: a future of the script's answer (`parse`
         makes it an Admission). Cancelling it before the answer comes undoes the admission."""
-        keys = self._keys(scopes)
-        args: list[str | int] = ["A", request_id, tokens, len(scopes)]
-        for i, s in enumerate(scopes):
-            lim = s.limits
-            args.append(_Key(keys[2 * i]))  # sent as its index in KEYS
-            for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.concurrent_requests):
-                args.append(-1 if v is None else v)
-        fut = self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, tokens, wait=True)
-        assert fut is not None
-        return fut
+        return self._batch(scopes).admit(request_id, tokens)
 
     @staticmethod
     def parse(scopes: Sequence[Scope], out: Any) -> Admission:
@@ -283,24 +304,15 @@ class RedisLimits:
         tokens_w = tightest(((lim.tokens_per_minute, c[2], c[3]) for lim, c in rows), frac)
         return Admission(ok, window, requests, tokens_w, refused, retry_s)
 
-    def _settle_args(
-        self, scopes: Sequence[Scope], request_id: str, window: int, delta: int
-    ) -> tuple[list[str | int], list[str]]:
-        keys = self._keys(scopes)
-        args: list[str | int] = ["S", request_id, window, delta, len(scopes), *(_Key(k) for k in keys[0::2])]
-        return args, keys
-
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        args, keys = self._settle_args(scopes, request_id, window, delta)
-        fut = self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, 0, wait=True)
+        fut = self._batch(scopes).settle(request_id, window, delta, wait=True)
         assert fut is not None
         await fut
 
     def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        """Queued into the tenant's next batch; a failure goes to `on_error` (the places expire after a
-        lease, the tokens stay reserved to the window's end)."""
-        args, keys = self._settle_args(scopes, request_id, window, delta)
-        self._batch(scopes[0].tag).submit(args, keys, scopes, request_id, 0, wait=False)
+        """Queued into its scopes' next batch (at most SETTLE_DELAY_S away); a failure goes to `on_error`
+        (the places expire after a lease, the tokens stay reserved to the window's end)."""
+        self._batch(scopes).settle(request_id, window, delta, wait=False)
 
     async def renew(self, scopes_by_request: Sequence[tuple[Sequence[Scope], str]]) -> None:
         by_tag: dict[str, tuple[list[str], list[str]]] = {}
@@ -315,5 +327,7 @@ class RedisLimits:
             await self._renew(keys=keys, args=[int(self.lease_s * 1000), *ids])
 
     async def close(self) -> None:
+        for batch in self._batches.values():
+            batch._start()  # settlements still waiting for a call go out now
         await asyncio.gather(*self.background, return_exceptions=True)
         await self._batch_script.close()

@@ -260,3 +260,38 @@ async def test_an_admission_answered_after_its_caller_left_is_given_back() -> No
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+
+
+async def test_a_settlement_rides_on_the_next_admission_or_goes_out_by_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis: a settlement nobody waits for goes out with the next call of its scopes (before the
+    admissions queued after it), or on its own within SETTLE_DELAY_S when no call comes."""
+    from app.limits import redis_store
+
+    monkeypatch.setattr(redis_store, "SETTLE_DELAY_S", 0.2)  # long enough to see it wait on a busy box
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    store = RedisLimits(redis, prefix=prefix)
+    s = (scope(concurrent_requests=1),)
+    in_flight = f"{prefix}:lim:{{t1}}:f:t1:tenant"
+    try:
+        first = await store.admit(s, "first", 0)
+        assert first.ok and await redis.zcard(in_flight) == 1
+        store.settle_nowait(s, "first", first.window, 0)
+        assert (await store.admit(s, "second", 0)).ok  # the place was freed in the same call, first
+        store.settle_nowait(s, "second", first.window, 0)
+        await asyncio.sleep(0.02)
+        assert await redis.zcard(in_flight) == 1  # still waiting for a call to ride on
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if await redis.zcard(in_flight) == 0:
+                break  # it went on its own
+        else:
+            raise AssertionError("the settlement never went out")
+    finally:
+        await store.close()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
