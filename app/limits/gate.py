@@ -243,7 +243,12 @@ class LimitGate:
         return out
 
     def _store_failed(self, ticket: Ticket, exc: BaseException) -> bool:
-        """The store did not answer: True when the request goes on uncounted (fail open)."""
+        """The store did not answer: True when the request goes on uncounted (fail open).
+
+        A call that timed out may still have run: its concurrency place is given back (a settlement of
+        no tokens only frees places, so it is right whether or not the admission happened); the tokens
+        it may have reserved stay counted to the window's end, erring on the side of the limit."""
+        self.store.settle_nowait(ticket.scopes, ticket.id, 0, 0)
         if self.outage is not None:
             self.outage.failed(exc)
         if self.fail_open:

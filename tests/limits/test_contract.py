@@ -295,3 +295,46 @@ async def test_a_settlement_rides_on_the_next_admission_or_goes_out_by_itself(
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+
+
+async def test_an_admission_that_timed_out_after_it_ran_gives_its_place_back() -> None:
+    """Redis ran the admission, but the answer came too late (the client's timeout): the request is
+    refused (fail closed) and its place is freed at once, not one lease later. A fake injects the late
+    answer (the real script runs, then the call raises TimeoutError): a real server cannot be made to
+    time out exactly after running a script."""
+    from app.limits.gate import LimitGate, Ticket
+
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    store = RedisLimits(redis, prefix=prefix, lease_s=60.0)
+    gate = LimitGate(store)
+    real = store._batch_script
+    late = {"on": True}
+
+    async def ran_then_timed_out(*, keys: object, args: object) -> object:
+        answer = await real(keys=keys, args=args)  # type: ignore[arg-type]
+        if late["on"] and any(str(a).startswith("A ") for a in args):  # type: ignore[attr-defined]
+            late["on"] = False
+            raise TimeoutError("Timeout reading from socket")
+        return answer
+
+    store._batch_script = ran_then_timed_out  # type: ignore[assignment]
+    s = (scope(concurrent_requests=1),)
+    in_flight = f"{prefix}:lim:{{t1}}:f:t1:tenant"
+    try:
+        with pytest.raises(TimeoutError):
+            await gate.admit_soon(Ticket(s, "timed-out", 0))
+        for _ in range(100):
+            if await redis.zcard(in_flight) == 0:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the place the timed-out admission took is still held")
+        await gate.admit_soon(Ticket(s, rid(), 0))  # admitted at once: no lease to wait out
+    finally:
+        store._batch_script = real
+        await gate.close()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
