@@ -37,9 +37,11 @@ async def tenant_usage(
     request: Request,
     session: SessionDep,
     from_: Annotated[
-        datetime | None, Query(alias="from", description="start (ISO 8601, inclusive hour)")
+        datetime | None, Query(alias="from", description="start (ISO 8601): from the hour it falls in")
     ] = None,
-    to: Annotated[datetime | None, Query(description="end (ISO 8601, exclusive); default now")] = None,
+    to: Annotated[
+        datetime | None, Query(description="end (ISO 8601): the hours that start before it; default now")
+    ] = None,
     group_by: Annotated[str, Query(description="comma-separated: adapter, key, hour")] = "adapter",
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
 ) -> Any:
@@ -108,7 +110,7 @@ async def tenant_usage(
     return {
         "object": "usage",
         "tenant": owner.name,
-        "from": start.isoformat().replace("+00:00", "Z"),
+        "from": hour_start.isoformat().replace("+00:00", "Z"),  # usage is kept by the hour
         "to": end.isoformat().replace("+00:00", "Z"),
         "group_by": list(dict.fromkeys(groups)),
         "data": rows,
