@@ -114,6 +114,7 @@ def create_app(settings: Settings) -> FastPath:
             rerank_s=settings.METRICS_RERANK_S,
         )
         metrics.watch_database(engine)
+        own_connections = store if isinstance(store, RedisResidency) else None  # closed at shutdown
         store = InstrumentedStore(store, metrics, "redis" if redis is not None else "memory")
         router = Router(
             store=store,
@@ -207,10 +208,10 @@ def create_app(settings: Settings) -> FastPath:
             with contextlib.suppress(Exception):
                 await routes.leave()
             await client.close()
-            if isinstance(store, RedisResidency):
-                await store.close()
+            if own_connections is not None:
+                await own_connections.close()
             if redis is not None:
-                await redis.aclose()
+                await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
             await engine.dispose()
 
     # FastAPI's built-in OpenTelemetry hooks cost CPU on every request; metrics come from app.metrics.

@@ -41,6 +41,7 @@ class ScriptCall:
         self._make = lambda: pool.connection_class(**pool.connection_kwargs)
         self._idle: list[AbstractConnection] = []
         self._busy = 0
+        self._closed = False  # after close(), a connection is closed when its call ends
 
     async def __call__(self, *, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         if self._idle:
@@ -70,7 +71,10 @@ class ScriptCall:
                 pass
             raise
         self._busy -= 1
-        self._idle.append(conn)
+        if self._closed:
+            await conn.disconnect(nowait=True)
+        else:
+            self._idle.append(conn)
         return reply
 
     @staticmethod
@@ -83,6 +87,8 @@ class ScriptCall:
         return await conn.read_response()
 
     async def close(self) -> None:
+        """Closes the idle connections; those busy now are closed as their calls end."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.disconnect(nowait=True)

@@ -20,7 +20,9 @@ from redis.exceptions import RedisError
 from app.limits.state import WINDOW_S, Admission, Scope, tightest
 from app.scriptcall import ScriptCall
 
-_MAX_BATCHES = 10_000  # sets of scopes with a batch object kept; idle ones are dropped beyond it
+_MAX_BATCHES = 10_000  # tenants with a batch object kept; idle ones are dropped beyond it
+_MAX_TAILS = 64  # sets of scopes a tenant's batch keeps the operation tails of
+_MAX_KEYS = 64  # a batch's KEYS start afresh beyond this, once it is idle
 _BATCH_OPS = 256  # operations per script call
 # The most a settlement waits for a call to ride on: its place is freed, its tokens given back this much
 # later (a refusal at the very edge of a concurrency limit may come this much sooner than it need).
@@ -155,48 +157,80 @@ return 1
 """
 
 
+class _Tails:
+    """One set of scopes' parts of its operation strings (the script's format, above), with its keys
+    named by their places in the batch's KEYS."""
+
+    __slots__ = ("admit", "scopes", "settle")
+
+    def __init__(self, scopes: Sequence[Scope], admit: str, settle: str) -> None:
+        self.scopes, self.admit, self.settle = scopes, admit, settle
+
+
 class _Batch:
-    """Group commit for one set of scopes (a tenant's, or a tenant's and a key's: its keys share a Cluster
-    slot): what is queued while the loop runs, and while the previous call is on its way, goes out as one
-    script call, on KEYS that are the same for every operation (so each operation's string is made once,
-    at submit). An admission whose caller left meanwhile (cancelled) is settled in the next batch: its
+    """Group commit for one tenant's admissions and settlements (its keys share a Cluster slot): what is
+    queued while the loop runs, and while the previous call is on its way, goes out as one script call,
+    in the order it was queued (a settlement before the admissions after it, whichever key they use).
+    KEYS is the batch's growing list of the tenant's keys, so each operation's string is made once, at
+    submit. An admission whose caller left meanwhile (cancelled) is settled in the next batch: its
     reservation and its place are given back.
 
     A settlement nobody waits for rides on the next call, an admission's or its own after SETTLE_DELAY_S:
     under load most settlements then cost no call of their own."""
 
-    __slots__ = ("admit_tail", "keys", "ops", "running", "scopes", "settle_tail", "store", "timer", "waiters")
+    __slots__ = ("index", "keys", "ops", "running", "store", "tails", "timer", "waiters")
 
-    def __init__(self, store: RedisLimits, scopes: Sequence[Scope]) -> None:
-        self.store, self.scopes = store, scopes
-        self.keys = store._keys(scopes)
-        # Operation strings (the script's format, above): scope i's counters are KEYS[2i + 1], its in-flight
-        # set KEYS[2i + 2].
-        admit = [str(len(scopes))]
-        for i, sc in enumerate(scopes):
-            lim = sc.limits
-            admit.append(str(2 * i + 1))
-            admit += [
-                str(-1 if v is None else v)
-                for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.concurrent_requests)
-            ]
-        self.admit_tail = " ".join(admit)
-        self.settle_tail = " ".join([str(len(scopes)), *(str(2 * i + 1) for i in range(len(scopes)))])
-        self.ops: list[tuple[str, str, int]] = []  # (operation, request id, tokens reserved)
+    def __init__(self, store: RedisLimits) -> None:
+        self.store = store
+        self.index: dict[str, int] = {}  # key -> its place in KEYS (1-based, as Lua counts)
+        self.keys: list[str] = []
+        # A set of scopes' tails, found by the set's identity (the gate's plan hands out the same tuple
+        # for a registry view until it reloads); holding the set keeps its id unique.
+        self.tails: dict[int, _Tails] = {}
+        self.ops: list[tuple[str, str, int, _Tails]] = []  # (operation, request id, tokens, its tails)
         self.waiters: list[asyncio.Future[Any] | None] = []
         self.running = False
         self.timer: asyncio.TimerHandle | None = None
 
-    def admit(self, request_id: str, tokens: int) -> asyncio.Future[Any]:
+    def _tails(self, scopes: Sequence[Scope]) -> _Tails:
+        tails = self.tails.get(id(scopes))
+        if tails is not None and tails.scopes is scopes:
+            return tails
+        if len(self.tails) >= _MAX_TAILS:
+            self.tails.clear()
+        if len(self.keys) >= _MAX_KEYS and not self.ops and not self.running:
+            self.index, self.keys, self.tails = {}, [], {}  # idle: start KEYS afresh
+        keys = self.store._keys(scopes)
+        for key in keys:  # in pairs: a scope's in-flight set comes right after its counters
+            if key not in self.index:
+                self.keys.append(key)
+                self.index[key] = len(self.keys)
+        admit = [str(len(scopes))]
+        for i, sc in enumerate(scopes):
+            lim = sc.limits
+            admit.append(str(self.index[keys[2 * i]]))
+            admit += [
+                str(-1 if v is None else v)
+                for v in (lim.requests_per_minute, lim.tokens_per_minute, lim.concurrent_requests)
+            ]
+        settle = " ".join([str(len(scopes)), *(str(self.index[keys[2 * i]]) for i in range(len(scopes)))])
+        tails = self.tails[id(scopes)] = _Tails(scopes, " ".join(admit), settle)
+        return tails
+
+    def admit(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> asyncio.Future[Any]:
         fut = asyncio.get_running_loop().create_future()
-        self.ops.append((f"A {request_id} {tokens} {self.admit_tail}", request_id, tokens))
+        tails = self._tails(scopes)
+        self.ops.append((f"A {request_id} {tokens} {tails.admit}", request_id, tokens, tails))
         self.waiters.append(fut)
         self._start()
         return fut
 
-    def settle(self, request_id: str, window: int, delta: int, *, wait: bool) -> asyncio.Future[Any] | None:
+    def settle(
+        self, scopes: Sequence[Scope], request_id: str, window: int, delta: int, *, wait: bool
+    ) -> asyncio.Future[Any] | None:
         fut = asyncio.get_running_loop().create_future() if wait else None
-        self.ops.append((f"S {request_id} {window} {delta} {self.settle_tail}", request_id, 0))
+        tails = self._tails(scopes)
+        self.ops.append((f"S {request_id} {window} {delta} {tails.settle}", request_id, 0, tails))
         self.waiters.append(fut)
         if wait:
             self._start()
@@ -235,13 +269,13 @@ class _Batch:
                     if None in waiters and self.store.on_error is not None:
                         self.store.on_error(exc)
                     continue
-                for (op, request_id, tokens), w, r in zip(ops, waiters, results, strict=True):
+                for (op, request_id, tokens, tails), w, r in zip(ops, waiters, results, strict=True):
                     if w is None:
                         continue
                     if not w.cancelled():
                         w.set_result(r)
                     elif op[0] == "A" and int(r[0]) == 1:  # admitted for a caller that left
-                        self.settle(request_id, int(r[1]), -tokens, wait=False)
+                        self.settle(tails.scopes, request_id, int(r[1]), -tokens, wait=False)
                 waiters = []
         except BaseException as exc:
             # The drain itself failed (a bug, shutdown): nobody may wait for an answer forever.
@@ -264,9 +298,7 @@ class RedisLimits:
         self.background: set[asyncio.Task[None]] = set()
         self._batch_script = ScriptCall(redis, _BATCH)  # on connections of its own: app/scriptcall.py
         self._renew = redis.register_script(_RENEW)
-        # One batch per set of scopes, found by the set's identity (the gate's plan hands out the same
-        # tuple for a registry view until it reloads); the batch holds the set, so its id stays unique.
-        self._batches: dict[int, _Batch] = {}
+        self._batches: dict[str, _Batch] = {}  # one per tenant (its tag)
 
     def _keys(self, scopes: Sequence[Scope]) -> list[str]:
         keys = []
@@ -275,13 +307,13 @@ class RedisLimits:
             keys += [f"{base}c:{s.key}", f"{base}f:{s.key}"]
         return keys
 
-    def _batch(self, scopes: Sequence[Scope]) -> _Batch:
-        batch = self._batches.get(id(scopes))
-        if batch is None or batch.scopes is not scopes:
+    def _batch(self, tag: str) -> _Batch:
+        batch = self._batches.get(tag)
+        if batch is None:
             if len(self._batches) >= _MAX_BATCHES:
-                for idle in [k for k, b in self._batches.items() if not b.running and not b.ops]:
+                for idle in [t for t, b in self._batches.items() if not b.running and not b.ops]:
                     del self._batches[idle]
-            batch = self._batches[id(scopes)] = _Batch(self, scopes)
+            batch = self._batches[tag] = _Batch(self)
         return batch
 
     async def admit(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> Admission:
@@ -290,7 +322,7 @@ class RedisLimits:
     def admit_raw(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> asyncio.Future[Any]:
         """The admission queued into its scopes' next batch: a future of the script's answer (`parse`
         makes it an Admission). Cancelling it before the answer comes undoes the admission."""
-        return self._batch(scopes).admit(request_id, tokens)
+        return self._batch(scopes[0].tag).admit(scopes, request_id, tokens)
 
     @staticmethod
     def parse(scopes: Sequence[Scope], out: Any) -> Admission:
@@ -305,14 +337,14 @@ class RedisLimits:
         return Admission(ok, window, requests, tokens_w, refused, retry_s)
 
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        fut = self._batch(scopes).settle(request_id, window, delta, wait=True)
+        fut = self._batch(scopes[0].tag).settle(scopes, request_id, window, delta, wait=True)
         assert fut is not None
         await fut
 
     def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
         """Queued into its scopes' next batch (at most SETTLE_DELAY_S away); a failure goes to `on_error`
         (the places expire after a lease, the tokens stay reserved to the window's end)."""
-        self._batch(scopes).settle(request_id, window, delta, wait=False)
+        self._batch(scopes[0].tag).settle(scopes, request_id, window, delta, wait=False)
 
     async def renew(self, scopes_by_request: Sequence[tuple[Sequence[Scope], str]]) -> None:
         by_tag: dict[str, tuple[list[str], list[str]]] = {}

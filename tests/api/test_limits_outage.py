@@ -5,6 +5,7 @@ and counting resumes when Redis is back."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,9 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture(params=["closed", "open"])
-def settings(request: pytest.FixtureRequest, db_url: str, data_dir: Path, private_redis: PrivateRedis) -> Settings:
+def settings(
+    request: pytest.FixtureRequest, db_url: str, data_dir: Path, private_redis: PrivateRedis
+) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         DATABASE_URL=db_url,
@@ -45,7 +48,11 @@ def settings(request: pytest.FixtureRequest, db_url: str, data_dir: Path, privat
 
 
 async def test_limited_tenants_follow_the_configured_outage_mode(
-    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, settings: Settings, private_redis: PrivateRedis
+    admin: httpx.AsyncClient,
+    client: httpx.AsyncClient,
+    tenant_key: str,
+    settings: Settings,
+    private_redis: PrivateRedis,
 ) -> None:
     resp = await admin.patch("/admin/v1/tenants/acme", json={"limits": {"requests_per_minute": 100}})
     assert resp.status_code == 200
@@ -73,3 +80,43 @@ async def test_limited_tenants_follow_the_configured_outage_mode(
         if after.status_code == 200 or time.monotonic() > deadline:
             break
     assert after.status_code == 200 and after.headers["x-ratelimit-remaining-requests"] == "99"
+
+
+async def test_shutdown_closes_the_hot_paths_own_redis_connections(
+    admin: httpx.AsyncClient,
+    client: httpx.AsyncClient,
+    tenant_key: str,
+    settings: Settings,
+    private_redis: PrivateRedis,
+) -> None:
+    """The residency touch and the limit admission keep Redis connections of their own
+    (app/scriptcall.py); a gateway that shuts down closes them, and its client's pool."""
+    from asgi_lifespan import LifespanManager
+    from redis.asyncio import Redis
+
+    from app.main import create_app
+
+    assert (
+        await admin.patch("/admin/v1/tenants/acme", json={"limits": {"concurrent_requests": 5}})
+    ).status_code == 200
+    limited = {"Authorization": f"Bearer {tenant_key}"}
+    assert (await client.post(CHAT, json=BODY, headers=limited)).status_code == 200
+    counter = Redis.from_url(private_redis.url)
+    try:
+        before = len(await counter.client_list())
+        second = create_app(settings)  # another gateway process on the same Redis
+        async with LifespanManager(second) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as other:
+                for _ in range(3):
+                    assert (await other.post(CHAT, json=BODY, headers=limited)).status_code == 200
+            during = len(await counter.client_list())
+        assert during >= before + 2  # its touch and its admission, each on a connection of its own
+        for _ in range(50):
+            if len(await counter.client_list()) <= before:
+                break
+            await asyncio.sleep(0.02)  # the server sees the closes a moment later
+        left = [(c["id"], c["cmd"]) for c in await counter.client_list()]
+        assert len(left) <= before, f"connections left open after shutdown: {left}"
+    finally:
+        await counter.aclose()

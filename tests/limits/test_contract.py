@@ -338,3 +338,18 @@ async def test_an_admission_that_timed_out_after_it_ran_gives_its_place_back() -
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+
+
+async def test_a_settlement_comes_before_the_next_admission_through_another_key(store: LimitStore) -> None:
+    """One tenant place, two API keys with limits of their own: the place one key's request gives back
+    (not waited for) is free for the other key's next request, at once."""
+    tenant = scope(concurrent_requests=1)
+    via_a = (tenant, scope(key="key-a", requests_per_minute=100))
+    via_b = (tenant, scope(key="key-b", requests_per_minute=100))
+    first = await store.admit(via_a, "first", 0)
+    assert first.ok
+    store.settle_nowait(via_a, "first", first.window, 0)
+    second = await store.admit(via_b, "second", 0)
+    assert second.ok, second.refused
+    store.settle_nowait(via_b, "second", second.window, 0)
+    assert (await store.admit((tenant,), "third", 0)).ok  # and through the tenant alone
