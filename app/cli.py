@@ -22,14 +22,10 @@ keys_app = typer.Typer(help="Manage tenants' API keys.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Manage LoRA adapters.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
-promotions_app = typer.Typer(
-    help="Promote hot adapters to dedicated deployments; the advice.", no_args_is_help=True
-)
+promotions_app = typer.Typer(help="Promote hot adapters to dedicated deployments; the advice.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Promotion and demotion jobs.", no_args_is_help=True)
 deployments_app = typer.Typer(help="Dedicated deployments of promoted adapters.", no_args_is_help=True)
-backends_app = typer.Typer(
-    help="Manage the vLLM backends the gateway places adapters on.", no_args_is_help=True
-)
+backends_app = typer.Typer(help="Manage the vLLM backends the gateway places adapters on.", no_args_is_help=True)
 base_models_app = typer.Typer(help="Manage base models.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(backends_app, name="backends")
@@ -199,9 +195,7 @@ def _ml_step(argv: list[str], python: str) -> None:
 
         def on_event(event: dict[str, Any]) -> None:
             if event["event"] == "progress":
-                bar.update(
-                    task, completed=event["fraction"], description=f"{event['step']}: {event['message']}"
-                )
+                bar.update(task, completed=event["fraction"], description=f"{event['step']}: {event['message']}")
 
         run = asyncio.run(run_step([python, "-m", *argv], env=env, on_event=on_event))
     if run.result is not None:
@@ -209,9 +203,7 @@ def _ml_step(argv: list[str], python: str) -> None:
     if run.returncode != 0:
         err.print(run.log_tail[-4000:])
         err.print(
-            "[red]gate failed[/red]"
-            if run.returncode == protocol.GATE_FAILED
-            else f"[red]failed ({run.returncode})[/red]"
+            "[red]gate failed[/red]" if run.returncode == protocol.GATE_FAILED else f"[red]failed ({run.returncode})[/red]"
         )
         raise typer.Exit(run.returncode or 1)
 
@@ -221,9 +213,7 @@ def merge(
     base: Annotated[Path, typer.Option(help="base model folder (Hugging Face layout)")],
     adapter: Annotated[Path, typer.Option(help="peft adapter folder")],
     out: Annotated[Path, typer.Option(help="where the merged model goes")],
-    dtype: Annotated[
-        str, typer.Option(help="saved dtype: auto (the base's), bfloat16, float16, float32")
-    ] = "auto",
+    dtype: Annotated[str, typer.Option(help="saved dtype: auto (the base's), bfloat16, float16, float32")] = "auto",
     device: Annotated[str, typer.Option(help="auto (cuda if torch sees one), cpu, cuda")] = "auto",
 ) -> None:
     """Merge a LoRA adapter into its base model (peft merge_and_unload), with the merge gate."""
@@ -236,9 +226,7 @@ def merge(
 
 @app.command()
 def quantize(
-    awq: Annotated[
-        Path, typer.Option("--awq", help="merged model folder to AWQ-quantize (W4A16, group 128)")
-    ],
+    awq: Annotated[Path, typer.Option("--awq", help="merged model folder to AWQ-quantize (W4A16, group 128)")],
     out: Annotated[Path, typer.Option(help="where the quantized model goes")],
     calibration: Annotated[Path | None, typer.Option(help="calibration texts, one per line")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
@@ -254,16 +242,11 @@ def quantize(
 def export_gguf(
     model: Annotated[Path, typer.Argument(help="merged model folder")],
     out: Annotated[Path, typer.Option(help="output folder (absent or empty): gets model-<TYPE>.gguf")],
-    type_: Annotated[
-        str, typer.Option("--type", help="llama.cpp type: Q4_K_M, Q5_K_M, Q8_0, F16, ...")
-    ] = "Q4_K_M",
+    type_: Annotated[str, typer.Option("--type", help="llama.cpp type: Q4_K_M, Q5_K_M, Q8_0, F16, ...")] = "Q4_K_M",
     pre_tokenizer: Annotated[
-        str | None,
-        typer.Option(help="the BPE pre-tokenizer of a tokenizer the converter does not know, e.g. gpt-2"),
+        str | None, typer.Option(help="the BPE pre-tokenizer of a tokenizer the converter does not know, e.g. gpt-2")
     ] = None,
-    max_logprob_diff: Annotated[
-        float | None, typer.Option(help="the gate: mean next-token log-prob difference")
-    ] = None,
+    max_logprob_diff: Annotated[float | None, typer.Option(help="the gate: mean next-token log-prob difference")] = None,
 ) -> None:
     """Export a merged model to GGUF for llama.cpp (converter + quantizer in .venv-gguf), with its gate."""
     argv = ["app.promotion.ml.gguf", "--model", str(model), "--out", str(out), "--type", type_]
@@ -568,15 +551,11 @@ def _follow(c: httpx.Client, job_id: str, poll_s: float = 1.0) -> dict[str, Any]
     """Shows the job's step and progress until it ends; its final state."""
     import time
 
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), console=err, transient=True
-    ) as bar:
+    with Progress("[progress.description]{task.description}", BarColumn(), console=err, transient=True) as bar:
         task = bar.add_task("queued", total=1.0)
         while True:
             job: dict[str, Any] = _check(c.get(f"/jobs/{job_id}"))
-            bar.update(
-                task, completed=job["progress"], description=f"{job['state']}: {job['step'] or 'waiting'}"
-            )
+            bar.update(task, completed=job["progress"], description=f"{job['state']}: {job['step'] or 'waiting'}")
             if job["state"] in ("succeeded", "failed", "cancelled"):
                 return job
             time.sleep(poll_s)

@@ -45,9 +45,7 @@ def require_bearer(request: Request, expected: SecretStr | None, refusal: str) -
 def require_admin(request: Request) -> None:
     settings: Settings = request.state.settings
     require_bearer(
-        request,
-        settings.ADMIN_API_KEY,
-        "a valid admin API key is required (Authorization: Bearer <admin key>)",
+        request, settings.ADMIN_API_KEY, "a valid admin API key is required (Authorization: Bearer <admin key>)"
     )
 
 

@@ -32,21 +32,7 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # The gateway's own time per request: tens of microseconds to a few milliseconds.
-OVERHEAD_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.00075,
-    0.001,
-    0.0015,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.5,
-)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 # Adapter loads: ~0.05-0.3 s on a GPU, seconds when loads contend (bench/PLACEMENT.md).
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 # One Redis or database round trip.
@@ -180,9 +166,7 @@ class FleetCollector(Collector):
         for model, n in sample.active.items():
             active.add_metric([model], n)
         jobs = GaugeMetricFamily(
-            "gateway_promotion_jobs",
-            "Promotion and demotion jobs by state and step",
-            labels=["kind", "state", "step"],
+            "gateway_promotion_jobs", "Promotion and demotion jobs by state and step", labels=["kind", "state", "step"]
         )
         for key, n in sorted(sample.jobs.items()):
             jobs.add_metric(list(key), n)
@@ -286,9 +270,7 @@ class Metrics:
             "gateway_db_duration", "Database statements", ["op"], unit="seconds", buckets=CALL_BUCKETS,
             registry=r,
         )  # fmt: skip
-        self.db_failures = Counter(
-            "gateway_db_failures", "Database statements that failed", ["op"], registry=r
-        )
+        self.db_failures = Counter("gateway_db_failures", "Database statements that failed", ["op"], registry=r)
         # Labelled children, looked up once: labels() validates and locks on every call.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
@@ -391,9 +373,7 @@ class Metrics:
                 started.pop()
             self.db_call(op_of(context.statement or ""), None)
 
-    async def refresh_fleet(
-        self, sample: Callable[[], Awaitable[FleetSample]], max_age_s: float = 5.0
-    ) -> None:
+    async def refresh_fleet(self, sample: Callable[[], Awaitable[FleetSample]], max_age_s: float = 5.0) -> None:
         """Read the fleet's state for the next scrape, at most every `max_age_s` (scrapes from several
         Prometheus replicas cost one read); a failed read keeps the last sample."""
         now = time.monotonic()
@@ -421,7 +401,7 @@ class Metrics:
         values = set(values)
         if not values:
             return
-        for metric, labels in list(self._children):
+        for (metric, labels) in list(self._children):
             names = metric._labelnames
             if label in names and labels[names.index(label)] in values:
                 metric.remove(*labels)

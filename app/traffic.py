@@ -70,9 +70,7 @@ class MemoryTraffic:
 
     def __init__(self, bucket_s: int = 300, retention_s: int = 25 * 3600) -> None:
         self.bucket_s = bucket_s
-        self._buckets: deque[tuple[int, dict[str, list[float]]]] = deque(
-            maxlen=max(1, retention_s // bucket_s)
-        )
+        self._buckets: deque[tuple[int, dict[str, list[float]]]] = deque(maxlen=max(1, retention_s // bucket_s))
 
     async def add(self, bucket: int, sums: dict[str, list[float]]) -> None:
         if not self._buckets or self._buckets[-1][0] != bucket:
@@ -91,9 +89,7 @@ class RedisTraffic:
     """Bucket b is the hash {prefix}:traffic:{b} of fields "<key>|<field>" -> float, added to with
     HINCRBYFLOAT by every replica and expiring after the retention."""
 
-    def __init__(
-        self, redis: Redis, *, prefix: str, bucket_s: int = 300, retention_s: int = 25 * 3600
-    ) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, bucket_s: int = 300, retention_s: int = 25 * 3600) -> None:
         self.redis, self.prefix, self.bucket_s, self.retention_s = redis, prefix, bucket_s, retention_s
 
     def _key(self, bucket: int) -> str:

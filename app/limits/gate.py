@@ -168,9 +168,7 @@ class LimitGate:
         if asked is None:
             asked = 0  # no token limit: nothing is reserved for the completion
         messages = body.get("messages")
-        template = (
-            TEMPLATE_TOKENS + MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else PROMPT_TOKENS
-        )
+        template = TEMPLATE_TOKENS + MESSAGE_TOKENS * len(messages) if isinstance(messages, list) else PROMPT_TOKENS
         reserved = size + id_tokens + template + asked * choices if caps.tokens_per_minute is not None else 0
         if not scopes:
             return None

@@ -74,12 +74,8 @@ class MemoryLimits:
                 if scope.limits.concurrent_requests is not None:
                     self._inflight.setdefault(scope.key, {})[request_id] = now + self.lease_s
         pairs = list(zip(scopes, counters, strict=True))
-        requests = tightest(
-            ((s.limits.requests_per_minute, c.requests, c.requests_before) for s, c in pairs), frac
-        )
-        token_window = tightest(
-            ((s.limits.tokens_per_minute, c.tokens, c.tokens_before) for s, c in pairs), frac
-        )
+        requests = tightest(((s.limits.requests_per_minute, c.requests, c.requests_before) for s, c in pairs), frac)
+        token_window = tightest(((s.limits.tokens_per_minute, c.tokens, c.tokens_before) for s, c in pairs), frac)
         return Admission(not refused, window, requests, token_window, refused, retry)
 
     async def settle(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:

@@ -320,7 +320,7 @@ class RedisLimits:
         return self.parse(scopes, await self.admit_raw(scopes, request_id, tokens))
 
     def admit_raw(self, scopes: Sequence[Scope], request_id: str, tokens: int) -> asyncio.Future[Any]:
-        """The admission queued into its scopes' next batch: a future of the script's answer (`parse`
+        """The admission queued into its tenant's next batch: a future of the script's answer (`parse`
         makes it an Admission). Cancelling it before the answer comes undoes the admission."""
         return self._batch(scopes[0].tag).admit(scopes, request_id, tokens)
 
@@ -342,7 +342,7 @@ class RedisLimits:
         await fut
 
     def settle_nowait(self, scopes: Sequence[Scope], request_id: str, window: int, delta: int) -> None:
-        """Queued into its scopes' next batch (at most SETTLE_DELAY_S away); a failure goes to `on_error`
+        """Queued into its tenant's next batch (at most SETTLE_DELAY_S away); a failure goes to `on_error`
         (the places expire after a lease, the tokens stay reserved to the window's end)."""
         self._batch(scopes[0].tag).settle(scopes, request_id, window, delta, wait=False)
 

@@ -29,12 +29,8 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-async def enqueue(
-    session: AsyncSession, *, kind: str, adapter_id: uuid.UUID | None, params: dict[str, Any]
-) -> Job:
-    job = Job(
-        kind=kind, adapter_id=adapter_id, params=params, state=JobState.QUEUED, steps=[], updated_at=now()
-    )
+async def enqueue(session: AsyncSession, *, kind: str, adapter_id: uuid.UUID | None, params: dict[str, Any]) -> Job:
+    job = Job(kind=kind, adapter_id=adapter_id, params=params, state=JobState.QUEUED, steps=[], updated_at=now())
     session.add(job)
     await session.flush()
     return job

@@ -67,9 +67,7 @@ async def load_routes(session: AsyncSession) -> dict[uuid.UUID, Route]:
     routes: dict[uuid.UUID, Route] = {}
     for dep, backend in rows:
         if dep.adapter_id is not None and dep.served_model_name:
-            routes[dep.adapter_id] = Route(
-                dep.adapter_id, dep.id, backend_view(backend), dep.served_model_name
-            )
+            routes[dep.adapter_id] = Route(dep.adapter_id, dep.id, backend_view(backend), dep.served_model_name)
     return routes
 
 
@@ -99,11 +97,7 @@ class RoutingTable:
     """One gateway replica's copy of the table. `get` is a dict lookup: the hot path's whole cost."""
 
     def __init__(
-        self,
-        sessionmaker: async_sessionmaker[AsyncSession],
-        *,
-        poll_s: float = 0.25,
-        replica_id: str | None = None,
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, poll_s: float = 0.25, replica_id: str | None = None
     ) -> None:
         self._sessionmaker = sessionmaker
         self.poll_s = poll_s
@@ -132,9 +126,7 @@ class RoutingTable:
     async def _report(self, session: AsyncSession) -> None:
         now = datetime.now(UTC)
         updated = await session.execute(
-            update(GatewayReplica)
-            .where(GatewayReplica.id == self.replica_id)
-            .values(epoch=self.epoch, seen_at=now)
+            update(GatewayReplica).where(GatewayReplica.id == self.replica_id).values(epoch=self.epoch, seen_at=now)
         )
         if updated.rowcount == 0:  # type: ignore[attr-defined]
             session.add(GatewayReplica(id=self.replica_id, epoch=self.epoch, seen_at=now))
@@ -152,9 +144,7 @@ class RoutingTable:
                 if not self._failing:
                     self._failing = True
                     if db_unreachable(exc):
-                        log.warning(
-                            "routing table not refreshed (database unreachable); serving epoch %d", self.epoch
-                        )
+                        log.warning("routing table not refreshed (database unreachable); serving epoch %d", self.epoch)
                     else:
                         log.exception("routing table not refreshed; serving epoch %d", self.epoch)
             await asyncio.sleep(self.poll_s)

@@ -25,16 +25,10 @@ class Gates(BaseModel):
     min_top1: float = Field(0.95, ge=0, le=1, description="quantize: top-1 agreement with the merged model")
     served_min_top1: float = Field(0.95, ge=0, le=1, description="verify: top-1 agreement with the LoRA path")
     gguf_max_logprob_diff: float = Field(
-        0.15,
-        gt=0,
-        le=100,
-        description="gguf: mean |log p| change of the actual next token against the merged model",
+        0.15, gt=0, le=100, description="gguf: mean |log p| change of the actual next token against the merged model"
     )
     served_min_exact: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="verify: share of prompts whose greedy answer is the LoRA path's "
+        None, ge=0, le=1, description="verify: share of prompts whose greedy answer is the LoRA path's "
         "(default 0.75 for quantization none, 0 for awq)",
     )
 
@@ -44,9 +38,7 @@ class GgufOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     quant_type: str = Field(
-        "Q4_K_M",
-        max_length=16,
-        description="a llama.cpp type: F16, BF16, F32, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...",
+        "Q4_K_M", max_length=16, description="a llama.cpp type: F16, BF16, F32, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ..."
     )
     pre_tokenizer: str | None = Field(
         None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
@@ -65,9 +57,7 @@ class GgufOptions(BaseModel):
     @classmethod
     def _known_pre_tokenizer(cls, value: str | None) -> str | None:
         if value is not None and value not in gguf.shipped_pre_tokenizers():
-            raise ValueError(
-                f"llama.cpp knows no pre-tokenizer {value!r} (e.g. gpt-2, llama-bpe, qwen2, tekken)"
-            )
+            raise ValueError(f"llama.cpp knows no pre-tokenizer {value!r} (e.g. gpt-2, llama-bpe, qwen2, tekken)")
         return value
 
 
@@ -75,10 +65,7 @@ class PromotionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     quantization: Literal["awq", "none"] = "awq"
     calibration_texts: list[str] | None = Field(
-        None,
-        min_length=1,
-        max_length=_MAX_TEXTS,
-        description="AWQ calibration texts (default: the shipped set)",
+        None, min_length=1, max_length=_MAX_TEXTS, description="AWQ calibration texts (default: the shipped set)"
     )
     gguf: GgufOptions | None = None
     launcher: Literal["local", "kubernetes"] = "local"
@@ -88,9 +75,7 @@ class PromotionCreate(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     max_model_len: int | None = Field(None, ge=16, le=1 << 22)
     serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="merged model's dtype"
-    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="merged model's dtype")
     gates: Gates = Field(default_factory=Gates)
 
     @model_validator(mode="after")
@@ -99,9 +84,7 @@ class PromotionCreate(BaseModel):
             if self.quantization != "awq":
                 raise ValueError("calibration_texts only apply to quantization 'awq'")
             if any(not t.strip() or len(t) > _MAX_TEXT_CHARS for t in self.calibration_texts):
-                raise ValueError(
-                    f"each calibration text must be non-empty and at most {_MAX_TEXT_CHARS} characters"
-                )
+                raise ValueError(f"each calibration text must be non-empty and at most {_MAX_TEXT_CHARS} characters")
         if len(self.resources) > 16:
             raise ValueError("at most 16 resources")
         return self

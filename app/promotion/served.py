@@ -46,9 +46,7 @@ async def served_gate(
             if got == ref["greedy_ids"]:
                 exact += 1
             elif len(mismatches) < 4:
-                mismatches.append(
-                    {"prompt": ref["prompt"], "expected": ref["greedy_text"], "got": greedy.get("text")}
-                )
+                mismatches.append({"prompt": ref["prompt"], "expected": ref["greedy_text"], "got": greedy.get("text")})
             forced = await _complete(
                 client,
                 model=model,

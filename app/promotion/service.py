@@ -15,12 +15,7 @@ from app.promotion import jobs, schemas
 from app.promotion.advice import AdapterFacts
 from app.registry.service import parse_uuid
 
-_LIVE_DEPLOYMENT = (
-    DeploymentState.PENDING,
-    DeploymentState.STARTING,
-    DeploymentState.READY,
-    DeploymentState.STOPPING,
-)
+_LIVE_DEPLOYMENT = (DeploymentState.PENDING, DeploymentState.STARTING, DeploymentState.READY, DeploymentState.STOPPING)
 
 
 async def _adapter(session: AsyncSession, ref: str) -> Adapter:
@@ -49,10 +44,7 @@ async def create_promotion(session: AsyncSession, *, adapter_ref: str, data: sch
             param="adapter",
         )
     job = await jobs.enqueue(
-        session,
-        kind=jobs.PROMOTE,
-        adapter_id=adapter.id,
-        params=data.model_dump(mode="json", exclude_none=True),
+        session, kind=jobs.PROMOTE, adapter_id=adapter.id, params=data.model_dump(mode="json", exclude_none=True)
     )
     await session.commit()
     await session.refresh(job)

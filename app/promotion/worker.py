@@ -222,9 +222,7 @@ class Worker:
             return JobState.FAILED, {"error": f"{run.step or 'job'}: {exc}"}
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            return JobState.FAILED, {
-                "error": f"{run.step or 'job'}: internal error ({type(exc).__name__}: {exc})"
-            }
+            return JobState.FAILED, {"error": f"{run.step or 'job'}: internal error ({type(exc).__name__}: {exc})"}
 
     async def _step(self, run: _Run, name: str, body: Callable[[], Awaitable[T]]) -> T:
         if run.stop.is_set():
@@ -251,11 +249,7 @@ class Worker:
     async def _save(self, run: _Run) -> None:
         async with self.sessionmaker() as session:
             held, cancel = await jobs.renew(
-                session,
-                job_id=run.job.id,
-                owner=run.owner,
-                lease_s=self.config.lease_s,
-                changes=run.changes(),
+                session, job_id=run.job.id, owner=run.owner, lease_s=self.config.lease_s, changes=run.changes()
             )
         if not held:
             run.lost = True
@@ -315,14 +309,8 @@ class Worker:
 
     async def _ml(self, run: _Run, kind: str, key: str, argv: list[str]) -> tuple[Artifact, dict[str, Any]]:
         """Runs one ML step into a staging folder, then seals it under its key."""
-        if (
-            self.step_runner is run_step
-            and os.sep in argv[0]
-            and not await asyncio.to_thread(os.path.exists, argv[0])
-        ):
-            raise JobFailed(
-                f"this worker has no {kind} environment: {argv[0]} does not exist ({_SETUP[kind]})"
-            )
+        if self.step_runner is run_step and os.sep in argv[0] and not await asyncio.to_thread(os.path.exists, argv[0]):
+            raise JobFailed(f"this worker has no {kind} environment: {argv[0]} does not exist ({_SETUP[kind]})")
         staged = self.artifacts.staging(str(run.job.id))
         run.live = StepRun()
         try:
@@ -345,9 +333,7 @@ class Worker:
             if step.returncode == USAGE_ERROR:
                 raise JobFailed(f"the step refused its input: {_last_line(step.log_tail)}")
             if step.returncode != 0:
-                raise JobFailed(
-                    f"the step crashed (exit status {step.returncode}): {_last_line(step.log_tail)}"
-                )
+                raise JobFailed(f"the step crashed (exit status {step.returncode}): {_last_line(step.log_tail)}")
             return self.artifacts.commit(kind, key, staged), figures
         finally:
             if run.live is not None:
@@ -355,18 +341,9 @@ class Worker:
             run.live = None
             self.artifacts.discard(staged)  # gone after a commit (renamed), removed after anything else
 
-    async def _merge(
-        self, run: _Run, adapter: Adapter, base: BaseModel, gates: dict[str, float]
-    ) -> dict[str, Any]:
+    async def _merge(self, run: _Run, adapter: Adapter, base: BaseModel, gates: dict[str, float]) -> dict[str, Any]:
         dtype = str(run.job.params.get("dtype") or "auto")
-        key = key_of(
-            step="merge",
-            v=1,
-            base=base.path,
-            adapter=adapter.sha256,
-            dtype=dtype,
-            tol=gates["logits_tolerance"],
-        )
+        key = key_of(step="merge", v=1, base=base.path, adapter=adapter.sha256, dtype=dtype, tol=gates["logits_tolerance"])
         found = self.artifacts.get("merged", key)
         if found is not None:
             return {"artifact": found, "reused": True}
@@ -383,12 +360,7 @@ class Worker:
     async def _quantize(self, run: _Run, merged: Artifact, gates: dict[str, float]) -> dict[str, Any]:
         texts = run.job.params.get("calibration_texts")
         key = key_of(
-            step="awq",
-            v=1,
-            model=merged.sha256,
-            texts=texts,
-            max_kl=gates["max_kl"],
-            min_top1=gates["min_top1"],
+            step="awq", v=1, model=merged.sha256, texts=texts, max_kl=gates["max_kl"], min_top1=gates["min_top1"]
         )
         found = self.artifacts.get("awq", key)
         if found is not None:
@@ -520,9 +492,7 @@ class Worker:
                 log.exception("could not stop deployment %s", dep_id)
         await self._update_deployment(dep_id, state=DeploymentState.FAILED, error=reason[:4000])
 
-    async def _verify(
-        self, dep_id: uuid.UUID, merged: Artifact, min_top1: float, min_exact: float
-    ) -> dict[str, Any]:
+    async def _verify(self, dep_id: uuid.UUID, merged: Artifact, min_top1: float, min_exact: float) -> dict[str, Any]:
         async with self.sessionmaker() as session:
             dep = await session.get(Deployment, dep_id)
             assert dep is not None and dep.handle is not None
@@ -548,12 +518,7 @@ class Worker:
                 )  # fmt: skip
                 session.add(backend)
                 await session.flush()
-            dep.backend_id, dep.state, dep.active, dep.updated_at = (
-                backend.id,
-                DeploymentState.READY,
-                True,
-                jobs.now(),
-            )
+            dep.backend_id, dep.state, dep.active, dep.updated_at = backend.id, DeploymentState.READY, True, jobs.now()
             epoch = await bump_epoch(session)
             await session.commit()
         started = time.monotonic()
@@ -577,11 +542,7 @@ class Worker:
                 await session.commit()
             started = time.monotonic()
             behind = await wait_observed(self.sessionmaker, epoch, timeout_s=self.config.observe_timeout_s)
-            return {
-                "epoch": epoch,
-                "observed_s": round(time.monotonic() - started, 3),
-                "replicas_behind": behind,
-            }
+            return {"epoch": epoch, "observed_s": round(time.monotonic() - started, 3), "replicas_behind": behind}
 
         async def drain() -> dict[str, Any]:
             async with self.sessionmaker() as session:
@@ -715,20 +676,14 @@ def step_runner_from_settings(settings: Settings) -> StepRunner:
     from app.promotion.steps_k8s import KubernetesStepRunner, StepJobConfig
 
     assert settings.DEPLOYMENT_ARTIFACT_ROOT is not None  # filled by Settings
-    path_map = tuple(settings.K8S_STEP_PATH_MAP) or (
-        (str(settings.artifact_root), settings.DEPLOYMENT_ARTIFACT_ROOT),
-    )
+    path_map = tuple(settings.K8S_STEP_PATH_MAP) or ((str(settings.artifact_root), settings.DEPLOYMENT_ARTIFACT_ROOT),)
     runner = KubernetesStepRunner(
         kubernetes_config(settings),
         StepJobConfig(
             path_map=path_map,
             python=settings.K8S_STEP_PYTHON,
-            python_by_step=_by_step(
-                quantize=settings.K8S_STEP_QUANTIZER_PYTHON, gguf=settings.K8S_STEP_GGUF_PYTHON
-            ),
-            image_by_step=_by_step(
-                quantize=settings.K8S_STEP_QUANTIZER_IMAGE, gguf=settings.K8S_STEP_GGUF_IMAGE
-            ),
+            python_by_step=_by_step(quantize=settings.K8S_STEP_QUANTIZER_PYTHON, gguf=settings.K8S_STEP_GGUF_PYTHON),
+            image_by_step=_by_step(quantize=settings.K8S_STEP_QUANTIZER_IMAGE, gguf=settings.K8S_STEP_GGUF_IMAGE),
             gpus=settings.K8S_STEP_GPUS,
             cpu=settings.K8S_STEP_CPU or None,
             memory=settings.K8S_STEP_MEMORY or None,

@@ -229,12 +229,7 @@ class RegistryCache:
             row = (
                 await session.execute(
                     select(
-                        Tenant.id,
-                        Tenant.name,
-                        Tenant.max_adapters_per_backend,
-                        Tenant.limits,
-                        ApiKey.id,
-                        ApiKey.limits,
+                        Tenant.id, Tenant.name, Tenant.max_adapters_per_backend, Tenant.limits, ApiKey.id, ApiKey.limits
                     )
                     .join(ApiKey, ApiKey.tenant_id == Tenant.id)
                     .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))

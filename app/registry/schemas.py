@@ -45,17 +45,11 @@ class LimitsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     requests_per_minute: int | None = Field(None, ge=1, le=_MAX_RATE)
     tokens_per_minute: int | None = Field(
-        None,
-        ge=1,
-        le=_MAX_RATE,
-        description="prompt + completion tokens; reserved at admission, settled at the end",
+        None, ge=1, le=_MAX_RATE, description="prompt + completion tokens; reserved at admission, settled at the end"
     )
     concurrent_requests: int | None = Field(None, ge=1, le=_MAX_COUNT)
     max_tokens: int | None = Field(
-        None,
-        ge=1,
-        le=10_000_000,
-        description="most completion tokens a request may ask for (and its default)",
+        None, ge=1, le=10_000_000, description="most completion tokens a request may ask for (and its default)"
     )
     max_n: int | None = Field(None, ge=1, le=128, description="most choices (`n`) a request may ask for")
     max_prompt_bytes: int | None = Field(

@@ -116,9 +116,7 @@ async def get_key(session: AsyncSession, *, tenant: Tenant, key_id: str) -> ApiK
     return key
 
 
-async def update_key(
-    session: AsyncSession, *, tenant: Tenant, key_id: str, data: schemas.ApiKeyUpdate
-) -> ApiKey:
+async def update_key(session: AsyncSession, *, tenant: Tenant, key_id: str, data: schemas.ApiKeyUpdate) -> ApiKey:
     key = await get_key(session, tenant=tenant, key_id=key_id)
     for field, value in data.model_dump(exclude_unset=True).items():
         setattr(key, field, _limits(data.limits) if field == "limits" else value)

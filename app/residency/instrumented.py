@@ -32,9 +32,7 @@ class InstrumentedStore:
         finally:
             self._metrics.store_call(self._name, op, time.monotonic() - started, failed)
 
-    async def touch(
-        self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]
-    ) -> str | None:
+    async def touch(self, pool: str, adapter: str, lease: str, backends: Sequence[BackendSlots]) -> str | None:
         result: str | None = await self._timed("touch", self.inner.touch(pool, adapter, lease, backends))
         return result
 
@@ -106,10 +104,6 @@ class InstrumentedStore:
     async def drop_backend(self, pool: str, backend: str) -> None:
         await self._timed("drop_backend", self.inner.drop_backend(pool, backend))
 
-    async def waiting(
-        self, pool: str, replica: str, counts: Mapping[str, int], ttl_s: float
-    ) -> dict[str, int]:
-        result: dict[str, int] = await self._timed(
-            "waiting", self.inner.waiting(pool, replica, counts, ttl_s)
-        )
+    async def waiting(self, pool: str, replica: str, counts: Mapping[str, int], ttl_s: float) -> dict[str, int]:
+        result: dict[str, int] = await self._timed("waiting", self.inner.waiting(pool, replica, counts, ttl_s))
         return result

@@ -35,14 +35,10 @@ LIMIT_FIELDS = (
 )  # fmt: skip
 
 
-async def test_limits_are_set_read_and_cleared_through_the_admin_api(
-    admin: httpx.AsyncClient, tenant_key: str
-) -> None:
+async def test_limits_are_set_read_and_cleared_through_the_admin_api(admin: httpx.AsyncClient, tenant_key: str) -> None:
     await limit(admin, requests_per_minute=60, tokens_per_minute=10_000)
     keys = (await admin.get("/admin/v1/tenants/acme/api-keys")).json()["data"]
-    resp = await admin.patch(
-        f"/admin/v1/tenants/acme/api-keys/{keys[0]['id']}", json={"limits": {"max_n": 2}}
-    )
+    resp = await admin.patch(f"/admin/v1/tenants/acme/api-keys/{keys[0]['id']}", json={"limits": {"max_n": 2}})
     assert resp.status_code == 200 and resp.json()["limits"]["max_n"] == 2
     for bad in ({"requests_per_minute": 0}, {"tokens_per_minute": -5}, {"rpm": 3}, {"max_n": "two"}):
         resp = await admin.patch("/admin/v1/tenants/acme", json={"limits": bad})
@@ -50,9 +46,7 @@ async def test_limits_are_set_read_and_cleared_through_the_admin_api(
         assert resp.json()["error"]["type"] == "invalid_request_error"
     cleared = await admin.patch("/admin/v1/tenants/acme", json={"limits": None})
     assert cleared.status_code == 200 and cleared.json()["limits"] is None
-    made = await admin.post(
-        "/admin/v1/tenants", json={"name": "limited", "limits": {"concurrent_requests": 3}}
-    )
+    made = await admin.post("/admin/v1/tenants", json={"name": "limited", "limits": {"concurrent_requests": 3}})
     assert made.status_code == 201 and made.json()["limits"]["concurrent_requests"] == 3
 
 
@@ -89,14 +83,8 @@ async def test_a_key_limit_applies_on_top_of_the_tenant_limit(
 ) -> None:
     await limit(admin, requests_per_minute=100)
     second = (await registry.api_key(admin))["key"]
-    key_id = next(
-        k["id"]
-        for k in (await admin.get("/admin/v1/tenants/acme/api-keys")).json()["data"]
-        if second.startswith(k["prefix"])
-    )
-    resp = await admin.patch(
-        f"/admin/v1/tenants/acme/api-keys/{key_id}", json={"limits": {"requests_per_minute": 1}}
-    )
+    key_id = next(k["id"] for k in (await admin.get("/admin/v1/tenants/acme/api-keys")).json()["data"] if second.startswith(k["prefix"]))
+    resp = await admin.patch(f"/admin/v1/tenants/acme/api-keys/{key_id}", json={"limits": {"requests_per_minute": 1}})
     assert resp.status_code == 200
     body = {"model": "support", "messages": HI}
     first = await client.post(CHAT, json=body, headers=auth(second))
@@ -118,9 +106,7 @@ async def test_caps_are_checked_on_the_body(
         ({"max_tokens": 0}, "max_tokens"),
     ]
     for extra, param in cases:
-        resp = await client.post(
-            CHAT, json={"model": "support", "messages": HI, **extra}, headers=auth(tenant_key)
-        )
+        resp = await client.post(CHAT, json={"model": "support", "messages": HI, **extra}, headers=auth(tenant_key))
         assert resp.status_code == 400, (extra, resp.text)
         assert resp.json()["error"]["param"] == param
     assert script.bodies == []  # nothing reached the backend
@@ -182,15 +168,11 @@ async def test_refused_and_failed_requests_give_their_reservation_back(
     assert int(again.headers["x-ratelimit-remaining-tokens"]) == 1000 - 4 - reserved  # the 502 cost nothing
 
 
-async def test_concurrent_requests(
-    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, script: Script
-) -> None:
+async def test_concurrent_requests(admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, script: Script) -> None:
     await limit(admin, concurrent_requests=2)
     script.answer_delay_s = 0.5
     body = {"model": "support", "messages": HI}
-    results = await asyncio.gather(
-        *(client.post(CHAT, json=body, headers=auth(tenant_key)) for _ in range(4))
-    )
+    results = await asyncio.gather(*(client.post(CHAT, json=body, headers=auth(tenant_key)) for _ in range(4)))
     codes = sorted(r.status_code for r in results)
     assert codes == [200, 200, 429, 429], codes
     refused = next(r for r in results if r.status_code == 429)
@@ -221,27 +203,18 @@ async def test_usage_is_metered_per_adapter_key_and_hour_and_exported(
     # Kept by the hour: a range covers the hours that start from `from`'s hour and before `to`.
     hour = datetime.fromisoformat(by_key["data"][0]["hour"])
     z = lambda t: t.isoformat().replace("+00:00", "Z")
-    inside = await admin.get(
-        "/admin/v1/tenants/acme/usage",
-        params={"from": z(hour + timedelta(minutes=30)), "to": z(hour + timedelta(minutes=31))},
-    )
+    within = {"from": z(hour + timedelta(minutes=30)), "to": z(hour + timedelta(minutes=31))}
+    inside = await admin.get("/admin/v1/tenants/acme/usage", params=within)
     assert inside.json()["from"] == z(hour) and inside.json()["totals"]["requests"] == 3, inside.text
-    before = await admin.get(
-        "/admin/v1/tenants/acme/usage", params={"from": z(hour - timedelta(hours=1)), "to": z(hour)}
-    )
+    earlier = {"from": z(hour - timedelta(hours=1)), "to": z(hour)}
+    before = await admin.get("/admin/v1/tenants/acme/usage", params=earlier)
     assert before.json()["totals"]["requests"] == 0, before.text
-    exported = await admin.get(
-        "/admin/v1/tenants/acme/usage", params={"group_by": "adapter,key", "format": "csv"}
-    )
+    exported = await admin.get("/admin/v1/tenants/acme/usage", params={"group_by": "adapter,key", "format": "csv"})
     assert exported.headers["content-type"].startswith("text/csv")
     assert "attachment" in exported.headers["content-disposition"]
     table = list(csv.DictReader(io.StringIO(exported.text)))
     assert sum(int(r["total_tokens"]) for r in table) == got["prompt"] + got["completion"]
-    for bad in (
-        {"group_by": "tenant"},
-        {"from": "2026-12-01T00:00:00"},
-        {"from": "2026-12-02T00:00:00Z", "to": "2026-12-01T00:00:00Z"},
-    ):
+    for bad in ({"group_by": "tenant"}, {"from": "2026-12-01T00:00:00"}, {"from": "2026-12-02T00:00:00Z", "to": "2026-12-01T00:00:00Z"}):
         resp = await admin.get("/admin/v1/tenants/acme/usage", params=bad)
         assert resp.status_code == 400, (bad, resp.text)
     assert (await admin.get("/admin/v1/tenants/nobody/usage")).status_code == 404
@@ -254,14 +227,10 @@ async def test_prompt_caps_count_every_part_of_the_prompt(
     await limit(admin, max_prompt_bytes=40)
     parts = [{"type": "text", "text": "a" * 20}, {"type": "refusal", "refusal": "b" * 21}]
     resp = await client.post(
-        CHAT,
-        json={"model": "support", "messages": [{"role": "assistant", "content": parts}]},
-        headers=auth(tenant_key),
+        CHAT, json={"model": "support", "messages": [{"role": "assistant", "content": parts}]}, headers=auth(tenant_key)
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
-    ids = await client.post(
-        "/v1/completions", json={"model": "support", "prompt": list(range(41))}, headers=auth(tenant_key)
-    )
+    ids = await client.post("/v1/completions", json={"model": "support", "prompt": list(range(41))}, headers=auth(tenant_key))
     assert ids.status_code == 400 and ids.json()["error"]["param"] == "prompt"
 
 
@@ -271,9 +240,7 @@ async def test_a_cut_stream_of_an_unlimited_tenant_is_metered_what_its_chunks_re
     """Every stream asks the backend for per-chunk usage (and strips it for the client): billing of a
     stream cut short does not depend on the tenant having token limits."""
     script.mode = "die_mid_stream"
-    resp = await client.post(
-        CHAT, json={"model": "support", "messages": HI, "stream": True}, headers=auth(tenant_key)
-    )
+    resp = await client.post(CHAT, json={"model": "support", "messages": HI, "stream": True}, headers=auth(tenant_key))
     assert resp.status_code == 200 and '"usage"' not in resp.text
     assert script.bodies[-1]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     usage = (await admin.get("/admin/v1/tenants/acme/usage")).json()["totals"]

@@ -33,9 +33,7 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture(params=["closed", "open"])
-def settings(
-    request: pytest.FixtureRequest, db_url: str, data_dir: Path, private_redis: PrivateRedis
-) -> Settings:
+def settings(request: pytest.FixtureRequest, db_url: str, data_dir: Path, private_redis: PrivateRedis) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         DATABASE_URL=db_url,
@@ -48,11 +46,7 @@ def settings(
 
 
 async def test_limited_tenants_follow_the_configured_outage_mode(
-    admin: httpx.AsyncClient,
-    client: httpx.AsyncClient,
-    tenant_key: str,
-    settings: Settings,
-    private_redis: PrivateRedis,
+    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, settings: Settings, private_redis: PrivateRedis
 ) -> None:
     resp = await admin.patch("/admin/v1/tenants/acme", json={"limits": {"requests_per_minute": 100}})
     assert resp.status_code == 200
@@ -81,13 +75,8 @@ async def test_limited_tenants_follow_the_configured_outage_mode(
             break
     assert after.status_code == 200 and after.headers["x-ratelimit-remaining-requests"] == "99"
 
-
 async def test_shutdown_closes_the_hot_paths_own_redis_connections(
-    admin: httpx.AsyncClient,
-    client: httpx.AsyncClient,
-    tenant_key: str,
-    settings: Settings,
-    private_redis: PrivateRedis,
+    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, settings: Settings, private_redis: PrivateRedis
 ) -> None:
     """The residency touch and the limit admission keep Redis connections of their own
     (app/scriptcall.py); a gateway that shuts down closes them, and its client's pool."""
@@ -96,9 +85,7 @@ async def test_shutdown_closes_the_hot_paths_own_redis_connections(
 
     from app.main import create_app
 
-    assert (
-        await admin.patch("/admin/v1/tenants/acme", json={"limits": {"concurrent_requests": 5}})
-    ).status_code == 200
+    assert (await admin.patch("/admin/v1/tenants/acme", json={"limits": {"concurrent_requests": 5}})).status_code == 200
     limited = {"Authorization": f"Bearer {tenant_key}"}
     assert (await client.post(CHAT, json=BODY, headers=limited)).status_code == 200
     counter = Redis.from_url(private_redis.url)

@@ -45,6 +45,18 @@ def rid() -> str:
     return uuid.uuid4().hex
 
 
+@pytest.fixture
+async def on_redis() -> AsyncIterator[tuple[Redis, str]]:
+    """A Redis client and a key prefix of the test's own; its keys are deleted afterwards."""
+    redis = Redis.from_url(REDIS_URL)
+    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    yield redis, prefix
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
 async def test_requests_per_minute(store: LimitStore) -> None:
     s = [scope(requests_per_minute=5)]
     remaining = []
@@ -263,15 +275,14 @@ async def test_an_admission_answered_after_its_caller_left_is_given_back() -> No
 
 
 async def test_a_settlement_rides_on_the_next_admission_or_goes_out_by_itself(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, on_redis: tuple[Redis, str]
 ) -> None:
     """Redis: a settlement nobody waits for goes out with the next call of its scopes (before the
     admissions queued after it), or on its own within SETTLE_DELAY_S when no call comes."""
     from app.limits import redis_store
 
     monkeypatch.setattr(redis_store, "SETTLE_DELAY_S", 0.2)  # long enough to see it wait on a busy box
-    redis = Redis.from_url(REDIS_URL)
-    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    redis, prefix = on_redis
     store = RedisLimits(redis, prefix=prefix)
     s = (scope(concurrent_requests=1),)
     in_flight = f"{prefix}:lim:{{t1}}:f:t1:tenant"
@@ -291,21 +302,16 @@ async def test_a_settlement_rides_on_the_next_admission_or_goes_out_by_itself(
             raise AssertionError("the settlement never went out")
     finally:
         await store.close()
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
 
 
-async def test_an_admission_that_timed_out_after_it_ran_gives_its_place_back() -> None:
+async def test_an_admission_that_timed_out_after_it_ran_gives_its_place_back(on_redis: tuple[Redis, str]) -> None:
     """Redis ran the admission, but the answer came too late (the client's timeout): the request is
     refused (fail closed) and its place is freed at once, not one lease later. A fake injects the late
     answer (the real script runs, then the call raises TimeoutError): a real server cannot be made to
     time out exactly after running a script."""
     from app.limits.gate import LimitGate, Ticket
 
-    redis = Redis.from_url(REDIS_URL)
-    prefix = f"lgw-lim-test-{uuid.uuid4().hex[:8]}"
+    redis, prefix = on_redis
     store = RedisLimits(redis, prefix=prefix, lease_s=60.0)
     gate = LimitGate(store)
     real = store._batch_script
@@ -334,10 +340,6 @@ async def test_an_admission_that_timed_out_after_it_ran_gives_its_place_back() -
     finally:
         store._batch_script = real
         await gate.close()
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
 
 
 async def test_a_settlement_comes_before_the_next_admission_through_another_key(store: LimitStore) -> None:

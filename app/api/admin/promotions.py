@@ -22,12 +22,8 @@ router = APIRouter(tags=["promotions"])
 
 
 @router.post("/adapters/{adapter}/promotions", status_code=202)
-async def create_promotion(
-    adapter: str, data: schemas.PromotionCreate, session: SessionDep
-) -> schemas.JobRead:
-    return schemas.JobRead.model_validate(
-        await service.create_promotion(session, adapter_ref=adapter, data=data)
-    )
+async def create_promotion(adapter: str, data: schemas.PromotionCreate, session: SessionDep) -> schemas.JobRead:
+    return schemas.JobRead.model_validate(await service.create_promotion(session, adapter_ref=adapter, data=data))
 
 
 @router.get("/promotions/advice")
@@ -80,9 +76,7 @@ async def list_artifacts(job: str, session: SessionDep, settings: SettingsDep) -
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}, "description": "the artifact folder as a tar"}},
 )
-async def download_artifact(
-    job: str, name: str, session: SessionDep, settings: SettingsDep
-) -> StreamingResponse:
+async def download_artifact(job: str, name: str, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     found = await service.get_job(session, job)
     entry, folder = service.find_artifact(found, name, artifact_root=settings.artifact_root)
     return StreamingResponse(

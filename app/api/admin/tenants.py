@@ -58,9 +58,7 @@ async def update_api_key(
     tenant: str, key_id: str, data: schemas.ApiKeyUpdate, session: SessionDep
 ) -> schemas.ApiKeyRead:
     owner = await service.get_tenant(session, tenant)
-    return schemas.ApiKeyRead.model_validate(
-        await service.update_key(session, tenant=owner, key_id=key_id, data=data)
-    )
+    return schemas.ApiKeyRead.model_validate(await service.update_key(session, tenant=owner, key_id=key_id, data=data))
 
 
 @router.delete("/tenants/{tenant}/api-keys/{key_id}")

@@ -36,12 +36,8 @@ async def tenant_usage(
     tenant: str,
     request: Request,
     session: SessionDep,
-    from_: Annotated[
-        datetime | None, Query(alias="from", description="start (ISO 8601): from the hour it falls in")
-    ] = None,
-    to: Annotated[
-        datetime | None, Query(description="end (ISO 8601): the hours that start before it; default now")
-    ] = None,
+    from_: Annotated[datetime | None, Query(alias="from", description="start (ISO 8601): from its hour")] = None,
+    to: Annotated[datetime | None, Query(description="end (ISO 8601): hours starting before it; default now")] = None,
     group_by: Annotated[str, Query(description="comma-separated: adapter, key, hour")] = "adapter",
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
 ) -> Any:
@@ -92,9 +88,7 @@ async def tenant_usage(
             r["hour"] = r["hour"].astimezone(UTC).isoformat().replace("+00:00", "Z")
         if "key" in r:
             r["key"] = str(r["key"])
-    totals = {
-        k: sum(r[k] for r in rows) for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
-    }
+    totals = {k: sum(r[k] for r in rows) for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
     if format == "csv":
         out = io.StringIO()
         fields = [*dict.fromkeys(groups), *(["key_name", "key_prefix"] if "key" in groups else []), *totals]

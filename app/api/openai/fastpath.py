@@ -25,9 +25,7 @@ log = logging.getLogger(__name__)
 HOT_ROUTES = {"/v1/chat/completions": "/v1/chat/completions", "/v1/completions": "/v1/completions"}
 
 
-async def proxy(
-    request: Request, data_path: DataPath, route: str, facts: RequestFacts | None = None
-) -> Response:
+async def proxy(request: Request, data_path: DataPath, route: str, facts: RequestFacts | None = None) -> Response:
     """One request through the data path, as a response whatever happens; `facts` notes what it did."""
     if facts is None:
         facts = RequestFacts(OPERATIONS[route], time.monotonic())

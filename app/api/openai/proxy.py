@@ -243,9 +243,7 @@ class DataPath:
             if ticket is not None and limits is not None:
                 limits.settle(ticket, facts.prompt_tokens + facts.completion_tokens)
             if meter is not None:
-                meter.record(
-                    tenant.id, tenant.key_id, facts.model, facts.prompt_tokens, facts.completion_tokens
-                )
+                meter.record(tenant.id, tenant.key_id, facts.model, facts.prompt_tokens, facts.completion_tokens)
 
         return settle
 
@@ -333,17 +331,7 @@ class _Releaser:
     """Gives the request's lease back exactly once, when the response is over (however it ends), and
     adds the request to the traffic the promotion advice reads (in-process sums: no I/O here)."""
 
-    __slots__ = (
-        "adapter",
-        "choices",
-        "dedicated",
-        "facts",
-        "lease",
-        "router",
-        "settle",
-        "started",
-        "traffic",
-    )
+    __slots__ = ("adapter", "choices", "dedicated", "facts", "lease", "router", "settle", "started", "traffic")
 
     def __init__(
         self,

@@ -135,7 +135,9 @@ class LocalLauncher:
                     if (await client.get(f"{launched.url}/health")).status_code == 200:
                         return
                 if time.monotonic() >= deadline:
-                    raise LaunchError(f"vLLM was not ready after {timeout_s:g} s:\n{self.log_tail(launched)}")
+                    raise LaunchError(
+                        f"vLLM was not ready after {timeout_s:g} s:\n{self.log_tail(launched)}"
+                    )
                 await asyncio.sleep(0.5)
 
     def _stop(self, launched: Launched) -> None:

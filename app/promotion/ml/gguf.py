@@ -97,6 +97,7 @@ NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_X
 _P_CONVERT, _P_QUANTIZE, _P_EVALUATE, _P_DONE = 0.0, 0.4, 0.6, 1.0
 
 
+
 @dataclass(frozen=True)
 class GateFigures:
     logprob_diff: float
@@ -268,6 +269,7 @@ def known_pre_tokenizers(converter_dir: Path) -> set[str]:
     for source in (converter_dir / "conversion").glob("*.py"):
         names.update(re.findall(r'^\s+res = "([\w.+-]+)"', source.read_text(encoding="utf-8"), re.MULTILINE))
     return names
+
 
 
 def _isolate_environment() -> None:

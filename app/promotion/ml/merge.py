@@ -76,9 +76,7 @@ def targeted_modules(peft_model: Any) -> list[str]:
 
     prefix = "base_model.model."
     return sorted(
-        name.removeprefix(prefix)
-        for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer)
+        name.removeprefix(prefix) for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)
     )
 
 
@@ -87,9 +85,7 @@ def _encode(tokenizer: Any, prompts: Sequence[str]) -> Iterator[list[int]]:
         yield list(tokenizer(text)["input_ids"])
 
 
-def reference(
-    model: Any, tokenizer: Any, device: str, new_tokens: int = REFERENCE_NEW_TOKENS
-) -> list[dict[str, Any]]:
+def reference(model: Any, tokenizer: Any, device: str, new_tokens: int = REFERENCE_NEW_TOKENS) -> list[dict[str, Any]]:
     """Greedy continuations and teacher-forced top-1 tokens of base+adapter, prompt by prompt."""
     import torch
 
@@ -104,7 +100,7 @@ def reference(
                 seq.append(nxt)
                 if nxt == eos:
                     break
-            greedy = seq[len(ids) :]
+            greedy = seq[len(ids):]
             full = model(torch.tensor([seq], device=device)).logits[0].float()
             top1 = [int(t) for t in torch.argmax(full, dim=-1)[:-1]]  # top1[i] predicts seq[i + 1]
             out.append(
@@ -127,13 +123,7 @@ def _logits(model: Any, batches: list[list[int]], device: str) -> list[Any]:
 
 
 def merge(
-    base: Path,
-    adapter: Path,
-    out: Path,
-    *,
-    dtype: str = "auto",
-    device: str = "auto",
-    tolerance: float = 1e-3,
+    base: Path, adapter: Path, out: Path, *, dtype: str = "auto", device: str = "auto", tolerance: float = 1e-3
 ) -> dict[str, Any]:
     """Merges, checks, saves; returns the figures. Raises GateFailed (after saving nothing) on a bad merge."""
     import torch
@@ -189,9 +179,7 @@ def merge(
     if leftover:
         problems.append(f"{len(leftover)} lora_ tensors left in the merged weights")
     if unchanged:
-        problems.append(
-            f"{len(unchanged)} of {len(targets)} targeted modules unchanged (e.g. {unchanged[0]})"
-        )
+        problems.append(f"{len(unchanged)} of {len(targets)} targeted modules unchanged (e.g. {unchanged[0]})")
     if not max_abs <= tolerance:  # also catches NaN
         problems.append(f"merged logits differ from base+adapter by {max_abs:.3g} (tolerance {tolerance:g})")
     if problems:
@@ -210,15 +198,11 @@ def merge(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m app.promotion.ml.merge", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m app.promotion.ml.merge", description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="base model directory (Hugging Face layout)")
     parser.add_argument("--adapter", type=Path, required=True, help="peft adapter directory")
     parser.add_argument("--out", type=Path, required=True, help="where the merged model goes")
-    parser.add_argument(
-        "--dtype", default="auto", help="saved dtype: auto (the base's), bfloat16, float16, float32"
-    )
+    parser.add_argument("--dtype", default="auto", help="saved dtype: auto (the base's), bfloat16, float16, float32")
     parser.add_argument("--device", default="auto", help="auto (cuda if torch sees one), cpu, cuda")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max abs fp32 logit difference")
     args = parser.parse_args(argv)

@@ -67,7 +67,7 @@ def parse(line: str) -> dict[str, Any] | None:
     if not line.startswith(EVENT_PREFIX):
         return None
     try:
-        event = json.loads(line[len(EVENT_PREFIX) :])
+        event = json.loads(line[len(EVENT_PREFIX):])
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None

@@ -77,6 +77,7 @@ _TOKENIZER_GLOBS = ("*.tiktoken",)
 _P_LOAD, _P_CALIBRATE, _P_SAVE, _P_EVALUATE, _P_DONE = 0.0, 0.05, 0.75, 0.8, 1.0
 
 
+
 @dataclass(frozen=True)
 class GateFigures:
     kl: float
@@ -176,6 +177,7 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if not calibration:
         raise InputError(f"no calibration texts left in {args.calibration} once held-out texts are left out")
     return calibration, heldout
+
 
 
 def _isolate_environment(device: str) -> None:
