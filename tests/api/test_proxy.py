@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from tests.fixtures.faulty_upstream import Script
+from tests.factories.adapters import TINY_BASE
+from tests.fixtures.faulty_upstream import Script, serve
 
 
 async def chat(client: httpx.AsyncClient, key: str, **body: object) -> httpx.Response:
@@ -101,9 +102,36 @@ async def test_adapter_reloaded_once_then_error(
 ) -> None:
     script.mode = "always_404"
     resp = await chat(client, tenant_key)
-    assert resp.status_code == 404
+    # The adapter exists (the gateway resolved it): a backend that keeps forgetting it is the fleet's
+    # fault, told as a retryable 503, never as the tenant's 404.
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
     assert script.chat_calls == 2 and len(script.loads) == 2  # first load, one reload, no loop
     assert "support" in resp.json()["error"]["message"] and "lgw-" not in resp.text
+
+
+async def test_a_retry_elsewhere_still_reloads_a_forgotten_adapter(
+    client: httpx.AsyncClient, admin: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    # One backend fails every request (a dying engine), the other forgets every adapter it loads (a
+    # restarted one the gateway's records still credit with it): each retry is spent once, in whatever
+    # order placement meets them, and the answer is a 503 to retry, never the forgetting one's 404
+    # (what a rolling restart used to hand a client now and then).
+    script.mode = "error_500"
+    other = Script(mode="always_404")
+    async for url in serve(other, TINY_BASE):
+        resp = await admin.post(
+            "/admin/v1/backends",
+            json={"name": "up-2", "url": url, "base_model": TINY_BASE, "gpu_slots": 4, "max_lora_rank": 16},
+        )
+        assert resp.status_code == 201, resp.text
+        resp = await chat(client, tenant_key)
+        assert resp.status_code == 503 and "retry-after" in resp.headers, resp.text
+        assert "lgw-" not in resp.text and "127.0.0.1" not in resp.text
+        assert script.chat_calls <= 1 and other.chat_calls == 2 and len(other.loads) == 2, (
+            script.chat_calls,
+            other.chat_calls,
+            other.loads,
+        )
 
 
 async def test_concurrent_first_requests_load_once(

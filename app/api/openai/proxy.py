@@ -260,7 +260,10 @@ class DataPath:
         avoid: frozenset[str] = frozenset()
         # One placement wait for the request, however many attempts it takes.
         deadline = time.monotonic() + self.router.wait_timeout_s
-        for attempt in (1, 2):
+        # At most one retry of each kind, in either order (so at most three attempts): on another
+        # backend after one failed before answering, and after a backend forgot the adapter.
+        elsewhere = replaced = False
+        while True:
             waited = time.monotonic()
             try:
                 lease = await self.router.route(
@@ -297,29 +300,37 @@ class DataPath:
                 # It refused the connection (down, restarting): nothing was processed, so send the
                 # request elsewhere once and keep traffic off that backend until it answers again.
                 await self.router.mark_down(lease.backend)
-                if attempt == 2 or len(backends) == 1:
+                if elsewhere or len(backends) == 1:
                     raise
+                elsewhere = True
                 continue
             except BaseException:
                 await asyncio.shield(self.router.release(lease))
                 raise
             err = parse_error(resp.status, body)
-            if err.status >= 500 and attempt == 1 and len(backends) > 1:
+            if err.status >= 500 and not elsewhere and len(backends) > 1:
                 # The engine failed (dying, crashed) before answering anything: once, on another backend.
                 log.warning("backend %s answered %s; retrying elsewhere", lease.backend.name, err.status)
                 await self.router.release(lease)
                 self.router.suspect(lease.backend)
                 avoid = frozenset({str(lease.backend.id)})
+                elsewhere = True
                 continue
-            if target.adapter is not None and is_unknown_model(err) and attempt == 1:
+            if target.adapter is not None and is_unknown_model(err):
                 # The backend lost the adapter (restart, manual unload): place it again and retry once;
-                # nothing has been sent to the client yet.
+                # nothing has been sent to the client yet. The adapter exists (it was resolved), so a
+                # backend that forgets it again is the fleet's fault, never a 404 for the tenant.
                 log.info("backend %s forgot %s; placing it again", lease.backend.name, target.served_name)
                 await self.router.lost(lease)
-                continue
+                if not replaced:
+                    replaced = True
+                    continue
+                raise ServiceUnavailable(
+                    f"adapter '{target.public_name}' could not be kept loaded on a backend; retry shortly",
+                    headers={"Retry-After": "1"},
+                )
             await self.router.release(lease)
             raise _client_error(err, target)
-        raise AssertionError("unreachable")
 
     def _placed(self, facts: RequestFacts, since: float, outcome: str) -> None:
         seconds = time.monotonic() - since
