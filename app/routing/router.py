@@ -188,19 +188,28 @@ class Router:
         tenant_cap: int | None = None,
         avoid: frozenset[str] = frozenset(),
         deadline: float | None = None,
+        admission: asyncio.Future[None] | None = None,
     ) -> Lease:
         """A lease on a backend for the adapter. `deadline` (time.monotonic()) bounds the whole
         placement, a load included: a retry passes the first attempt's, so that all attempts together
-        keep to one `wait_timeout_s`."""
+        keep to one `wait_timeout_s`.
+
+        `admission` is the request's admission under its tenant's limits, under way: the hot path's
+        touch goes out beside it (one round trip's wait for both, not one after the other), and nothing
+        is loaded or evicted before it is granted. Refused (it raises), the lease the touch took is given
+        back at once."""
         if deadline is None:
             deadline = time.monotonic() + self.wait_timeout_s
         pool_ids = tuple(str(b.id) for b in backends)  # every backend of the pool: the pool's load cap
         backends = self._usable(backends, avoid)
         lease_id = uuid.uuid4().hex
         if adapter is None:
+            if admission is not None:
+                await admission
             return Lease("", backends[next(self._rr) % len(backends)], None, lease_id)
         pool, name = str(adapter.base_model.id), adapter.served_name
         by_id, slots = self._fleet(backends)
+        hot: Lease | None = None
         try:
             if self.store.shared:
                 self._watch(pool)
@@ -209,7 +218,21 @@ class Router:
                 got = await self.store.touch(pool, name, lease_id, slots)
                 if got is not None:
                     self.metrics.lookup(hit=True)
-                    return self._hold(Lease(pool, by_id[got], name, lease_id))
+                    hot = self._hold(Lease(pool, by_id[got], name, lease_id))
+        except (RedisError, TimeoutError):
+            hot = self._warm(pool, by_id, name, lease_id) if self.redis_outage == "warm" else None
+            if hot is None:
+                raise
+        if admission is not None:
+            try:
+                await admission
+            except BaseException:
+                if hot is not None:
+                    await asyncio.shield(self.release(hot))
+                raise
+        if hot is not None:
+            return hot
+        try:
             return await self._place(
                 pool, by_id, slots, adapter, lease_id, pinned, tenant_cap, pool_ids, deadline
             )

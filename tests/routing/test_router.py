@@ -591,3 +591,61 @@ async def test_redis_down_warm_mode_keeps_placed_adapters_on_their_backend() -> 
         await client.session.close()
         await redis.aclose()
         private.stop()
+
+
+async def test_the_touch_goes_out_beside_the_admission_and_a_refusal_gives_its_lease_back() -> None:
+    store = MemoryResidency()
+    client = VllmClient.create()  # never called: the adapter is registered already
+    router = Router(store=store, policy=LruPolicy(), client=client, adapter_root="/a")
+    a = adapter("warm")
+    await register(store, a)
+    slots = BackendSlots(str(BACKEND.id), 1, 2)
+    loop = asyncio.get_running_loop()
+    try:
+        for refused in (True, False):
+            admission: asyncio.Future[None] = loop.create_future()
+            placing = asyncio.create_task(router.route((BACKEND,), a, admission=admission))
+            await asyncio.sleep(0.05)
+            # The touch did not wait for the admission: the lease is taken while it is still under way.
+            assert not placing.done()
+            (state,) = await store.snapshot(POOL, [slots])
+            assert state.inflight == {a.served_name: 1}
+            if refused:
+                admission.set_exception(RateLimited("rate limit reached for requests per minute"))
+                with pytest.raises(RateLimited):
+                    await placing
+                (state,) = await store.snapshot(POOL, [slots])
+                assert state.inflight == {}  # given back at once, not left to expire
+            else:
+                admission.set_result(None)
+                lease = await placing
+                assert lease.backend is BACKEND and lease.adapter == a.served_name
+                await router.release(lease)
+    finally:
+        await client.session.close()
+
+
+async def test_nothing_is_loaded_for_a_request_before_it_is_admitted() -> None:
+    script, upstream, url = await _slow_loads(0.0)
+    backend = BackendView(uuid.uuid4(), "b", url, MODEL.id, gpu_slots=4, capacity=8, max_num_seqs=64)
+    client = VllmClient.create()
+    router = Router(store=MemoryResidency(), policy=LruPolicy(), client=client, adapter_root="/a")
+    cold, other = adapter("cold"), adapter("other")
+    loop = asyncio.get_running_loop()
+    try:
+        refused: asyncio.Future[None] = loop.create_future()
+        placing = asyncio.create_task(router.route((backend,), other, admission=refused))
+        admission: asyncio.Future[None] = loop.create_future()
+        waiting = asyncio.create_task(router.route((backend,), cold, admission=admission))
+        await asyncio.sleep(0.2)
+        assert script.loads == [] and not waiting.done() and not placing.done()
+        refused.set_exception(RateLimited("too many concurrent requests"))
+        with pytest.raises(RateLimited):
+            await placing
+        admission.set_result(None)
+        lease = await asyncio.wait_for(waiting, 5)
+        assert script.loads == [cold.served_name]  # the refused request's adapter was never loaded
+        await router.release(lease)
+    finally:
+        await client.session.close()
+        await upstream.aclose()

@@ -151,13 +151,12 @@ class DataPath:
         admission: asyncio.Future[None] | None = None
         try:
             if ticket is not None:
-                # Admitted before it is placed: a refused request loads and evicts nothing.
+                # Under way while placement starts: the hot path's touch rides beside it, and the router
+                # loads and evicts nothing for a request until it is admitted.
                 admission = self.limits.admit_soon(ticket)  # type: ignore[union-attr]
-                await admission
-                facts.limit_headers = ticket.headers
             return await self._forward(
                 request, route, body, stream, tenant, target, adapter_id, promoted, facts, ticket,
-                client_wants_usage, client_wants_continuous,
+                admission, client_wants_usage, client_wants_continuous,
             )  # fmt: skip
         except BaseException:
             if admission is not None:
@@ -181,6 +180,7 @@ class DataPath:
         promoted: Any,
         facts: RequestFacts,
         ticket: Ticket | None,
+        admission: asyncio.Future[None] | None,
         client_wants_usage: bool,
         client_wants_continuous: bool,
     ) -> Response:
@@ -204,6 +204,8 @@ class DataPath:
             else await self.cache.shared_backends(target.base_model.id)
         )
         if not backends:
+            if admission is not None:
+                await admission  # over its limits, a request learns that first
             raise ServiceUnavailable(
                 f"no backend serves base model '{target.base_model.name}' right now",
                 headers={"Retry-After": "5"},
@@ -211,7 +213,9 @@ class DataPath:
         watch = Disconnect(request.receive)  # the body is read: from here on, receive() only reports leaving
         started = time.monotonic()
         try:
-            upstream, lease = await watch.run(self._send(backends, tenant, target, route, payload, facts))
+            upstream, lease = await watch.run(
+                self._send(backends, tenant, target, route, payload, facts, admission)
+            )
         except (RedisError, TimeoutError) as exc:
             watch.close()
             # The residency store (Redis) is unreachable or slow: nothing was forwarded; retryable.
@@ -221,6 +225,9 @@ class DataPath:
         except BaseException:
             watch.close()
             raise
+        finally:
+            if ticket is not None and ticket.admitted:
+                facts.limit_headers = ticket.headers  # an error after admission still tells them
         if ticket is not None:
             headers.update(ticket.headers)
         done = _Releaser(self.router, lease, self.traffic, adapter_id, promoted is not None, started, facts)
@@ -255,6 +262,7 @@ class DataPath:
         route: str,
         payload: bytes,
         facts: RequestFacts,
+        admission: asyncio.Future[None] | None = None,
     ) -> tuple[aiohttp.ClientResponse, Lease]:
         pinned = await self.cache.pinned.get(target.base_model.id) if target.adapter else frozenset()
         avoid: frozenset[str] = frozenset()
@@ -273,7 +281,9 @@ class DataPath:
                     tenant_cap=tenant.max_adapters_per_backend,
                     avoid=avoid,
                     deadline=deadline,
+                    admission=admission,
                 )
+                admission = None  # granted: a retry does not wait for it again
             except BaseException as exc:
                 self._placed(facts, waited, type(exc).__name__)
                 raise
