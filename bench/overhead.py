@@ -54,6 +54,7 @@ from bench.procs import (
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_UPSTREAM = Path(__file__).resolve().parent / "fake_upstream.py"
+LIMITED_TENANT = "bench-limited"  # with --tenant-limits: the tenant whose requests are counted
 BASE_MODEL = "tiny-llama"
 # Shapes the fake adapter is checked against: module -> [in_features, out_features].
 FAKE_SHAPES = {"q_proj": [64, 64], "v_proj": [64, 32]}
@@ -98,9 +99,10 @@ class Comparison:
     direct_model: str
     throughput: dict[str, list[Throughput]] = field(default_factory=dict)
     gateway_cpu_busy: list[float] = field(default_factory=list)  # share of one core, per gateway round
-    # Gateway CPU seconds per request in its max-load rounds: unlike req/s, this barely moves when
-    # other processes take part of the gateway's core, so it is the steadier cost figure.
-    gateway_cpu_per_request: list[float] = field(default_factory=list)
+    # Gateway CPU seconds per request in its max-load rounds, per side ("gateway", and "limits" with
+    # --tenant-limits): unlike req/s, this barely moves when other processes take part of the gateway's
+    # core, so it is the steadier cost figure.
+    cpu_per_request: dict[str, list[float]] = field(default_factory=dict)
     latency: dict[str, Latencies] = field(default_factory=dict)
     first_byte: dict[str, Latencies] = field(default_factory=dict)
     # Share of each CPU that processes outside this run (and the hypervisor) took while it measured.
@@ -242,6 +244,7 @@ def measure(
     stream_pair: tuple[Target, Target] | None,
     *,
     reference: tuple[Target, Child] | None = None,
+    limited: Target | None = None,
     gateway: Child,
     upstream_pgid: int,
     cpus: tuple[int, int],
@@ -262,6 +265,7 @@ def measure(
         pair,
         stream_pair,
         reference=reference[0] if reference is not None else None,
+        limited=limited,
         gateway=gateway,
         client_cpu=client_cpu,
         profile_dir=profile_dir,
@@ -283,6 +287,7 @@ def _measure(
     stream_pair: tuple[Target, Target] | None,
     *,
     reference: Target | None,
+    limited: Target | None,
     gateway: Child,
     client_cpu: str,
     profile_dir: Path | None,
@@ -308,16 +313,20 @@ def _measure(
         f"max req/s: {plan.rounds} x {round_s:.0f} s per side, {plan.connections} connections "
         f"({'wrk' if use_wrk else 'Python client'})"
     )
-    sides = (*pair, reference) if reference is not None else pair
+    # Through the gateway without and (--tenant-limits) with limits, the same gateway in the same rounds.
+    through = (*pair, limited) if limited is not None else pair
+    sides = (*through, reference) if reference is not None else through
     for target in sides:
         closed(target, 1)  # warm-up: connections, caches, the adapter load
     for target in sides * plan.rounds:
         cpu_before = gateway.cpu_seconds()
         throughput = closed(target, round_s)
-        if target.label == "gateway":
+        if target.label in ("gateway", "limits"):
             used = gateway.cpu_seconds() - cpu_before
-            comparison.gateway_cpu_busy.append(used / throughput.seconds)
-            comparison.gateway_cpu_per_request.append(used / max(1, throughput.requests))
+            if target.label == "gateway":
+                comparison.gateway_cpu_busy.append(used / throughput.seconds)
+            per_request = comparison.cpu_per_request.setdefault(target.label, [])
+            per_request.append(used / max(1, throughput.requests))
         comparison.throughput.setdefault(target.label, []).append(throughput)
         log(f"  {target.label}: {throughput.rps:,.0f} req/s")
     if profile_dir is not None:
@@ -334,10 +343,10 @@ def _measure(
 
     latency_s = plan.latency_s / plan.rounds
     log(f"latency at {plan.rate:g} req/s: {plan.rounds} x {latency_s:.0f} s per side")
-    parts: dict[str, list[Latencies]] = {t.label: [] for t in pair}
-    for target in pair:
+    parts: dict[str, list[Latencies]] = {t.label: [] for t in through}
+    for target in through:
         fixed(target, 1)  # warm-up
-    for target in pair * plan.rounds:
+    for target in through * plan.rounds:
         latencies = fixed(target, latency_s)
         parts[target.label].append(latencies)
         log(f"  {target.label}: p50 {latencies.p50_ms:.2f} ms, p99 {latencies.p99_ms:.2f} ms")
@@ -475,11 +484,16 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
                 max_lora_rank=upstream.max_lora_rank,
                 adapter_dir=upstream.adapter_dir,
             )
+            limited_key = None
             if args.tenant_limits:
-                admin.set_limits(json.loads(args.tenant_limits))
+                # A second tenant, the same adapter, with the limits: on and off in the same rounds.
+                limited_key = admin.add_tenant(LIMITED_TENANT, upstream.adapter_dir)
+                admin.set_limits(json.loads(args.tenant_limits), tenant=LIMITED_TENANT)
         finally:
             admin.close()
-        warm_up_gateway(gateway_url, tenant_key, provision.ADAPTER, args.route)
+        for key in (tenant_key, limited_key):
+            if key is not None:
+                warm_up_gateway(gateway_url, key, provision.ADAPTER, args.route)
         direct_model = loaded_adapter_name(upstream.url, BASE_MODEL)
         comparison = Comparison(upstream.scenario, args.route, plan, direct_model)
         common: dict[str, Any] = {
@@ -493,6 +507,10 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
         }
         pair = targets(**common, stream=False)
         stream_pair = targets(**common, stream=True) if args.route == "chat" else None
+        limited = None
+        if limited_key is not None and args.route == "chat":
+            headers = {**pair[1].headers, "Authorization": f"Bearer {limited_key}"}
+            limited = dataclasses.replace(pair[1], label="limits", headers=headers)
         with contextlib.ExitStack() as stack:
             reference: tuple[Target, Child] | None = None
             if upstream.scenario == "fake upstream" and args.route == "chat":
@@ -502,6 +520,7 @@ def through_gateway(args: argparse.Namespace, work: Path, upstream: Upstream, pl
                 pair,
                 stream_pair,
                 reference=reference,
+                limited=limited,
                 gateway=gateway,
                 upstream_pgid=upstream.pgid,
                 cpus=(args.gateway_cpu, args.client_cpu),
@@ -569,7 +588,28 @@ def goals(c: Comparison) -> list[Goal]:
     if c.first_byte:
         added = c.first_byte["gateway"].p50_ms - c.first_byte["direct"].p50_ms
         found.append(Goal("added streaming first byte p50", added, 1.0, False, "ms"))
-    failed = sum(c.failures.get("gateway", Counter()).values())
+    if "limits" in c.latency:
+        # Tenant limits' own cost: the same gateway, a limited tenant against an unlimited one.
+        if "reference" in c.throughput:
+            found.append(
+                Goal(
+                    "max req/s with tenant limits vs the reference proxy",
+                    c.best_rps("limits") / c.best_rps("reference"),
+                    0.5,
+                    True,
+                    "x",
+                )
+            )
+        found.append(
+            Goal(
+                f"limits' added latency p99 at {c.plan.rate:g} req/s (limited vs unlimited tenant)",
+                c.latency["limits"].p99_ms - c.latency["gateway"].p99_ms,
+                0.3,
+                False,
+                "ms",
+            )
+        )
+    failed = sum(sum(c.failures.get(side, Counter()).values()) for side in ("gateway", "limits"))
     found.append(Goal("no failed requests through the gateway", failed, 0, False, "failed"))
     return found
 
@@ -602,8 +642,8 @@ def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
         lines.append(
             f"{'40-line reference proxy, same core':40}{'':12}{r:>12,.0f}   gateway = {g / r:.2f}x of it"
         )
-    if c.gateway_cpu_per_request:
-        per_request = min(c.gateway_cpu_per_request)
+    if c.cpu_per_request.get("gateway"):
+        per_request = min(c.cpu_per_request["gateway"])
         lines.append(
             f"{'gateway CPU per request, max load':40}{'':12}{per_request * 1e6:>9.0f} us"
             f"   = {1 / per_request:,.0f} req/s per core at 100% CPU"
@@ -611,6 +651,19 @@ def render(c: Comparison, args: argparse.Namespace, judge: bool) -> str:
     for q in (50, 99):
         dl, gl = c.latency["direct"].pct_ms(q), c.latency["gateway"].pct_ms(q)
         row(f"latency p{q} at {plan.rate:g} req/s (ms)", dl, gl, ".2f", f"{gl - dl:+.2f} ms")
+    if "limits" in c.latency:
+        lines.append(f"with tenant limits (tenant {LIMITED_TENANT!r}, same gateway and rounds):")
+        lt = c.best_rps("limits")
+        versus = f"{lt / g:.2f}x of the unlimited tenant"
+        if "reference" in c.throughput:
+            versus += f", {lt / c.best_rps('reference'):.2f}x of the reference"
+        lines.append(f"{'  max req/s':40}{'':12}{lt:>12,.0f}   {versus}")
+        if c.cpu_per_request.get("limits") and c.cpu_per_request.get("gateway"):
+            on, off = min(c.cpu_per_request["limits"]), min(c.cpu_per_request["gateway"])
+            lines.append(f"{'  CPU per request, max load':40}{'':12}{on * 1e6:>9.0f} us   {(on - off) * 1e6:+.0f} us")
+        for q in (50, 99):
+            gl, ll = c.latency["gateway"].pct_ms(q), c.latency["limits"].pct_ms(q)
+            lines.append(f"{f'  latency p{q} at {plan.rate:g} req/s (ms)':40}{'':12}{ll:>12.2f}   {ll - gl:+.2f} ms")
     for q in (50, 99):
         if c.first_byte:
             dl, gl = c.first_byte["direct"].pct_ms(q), c.first_byte["gateway"].pct_ms(q)
@@ -676,7 +729,8 @@ def as_json(c: Comparison) -> dict[str, Any]:
         "direct_model": c.direct_model,
         "throughput": {k: [{**asdict(t), "rps": t.rps} for t in v] for k, v in c.throughput.items()},
         "gateway_cpu_busy": c.gateway_cpu_busy,
-        "gateway_cpu_per_request_s": c.gateway_cpu_per_request,
+        "gateway_cpu_per_request_s": c.cpu_per_request.get("gateway", []),
+        "limits_cpu_per_request_s": c.cpu_per_request.get("limits", []),
         "foreign_cpu": c.foreign_cpu,
         "profile": c.profile,
         "sent": dict(c.sent),
@@ -763,8 +817,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tenant-limits",
         metavar="JSON",
-        help='limits of the bench tenant, e.g. \'{"requests_per_minute": 100000000, "tokens_per_minute": '
-        '1000000000}\' (high enough never to refuse: the cost of counting)',
+        help='also measure a second tenant with these limits through the same gateway, in the same rounds, '
+        'e.g. \'{"requests_per_minute": 100000000, "tokens_per_minute": 1000000000}\' (high enough never '
+        'to refuse: the cost of counting)',
     )
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument(
