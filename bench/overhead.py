@@ -190,6 +190,7 @@ def targets(
     )
 
 
+_INFO_JSON = re.compile(r'^\{.*"level":"(info|debug)"')  # the gateway's JSON log: a record, not a problem
 _ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/v1/\S+) HTTP/[\d.]+" (?P<status>\d{3})')
 
 
@@ -205,7 +206,7 @@ def read_gateway_log(path: Path) -> Counter[str]:
                 found[f"{access['method']} {access['path']} -> {access['status']}"] += 1
         elif line and not line.startswith(
             ("INFO:", " ", "Traceback", "The above exception", "During handling")
-        ):
+        ) and not _INFO_JSON.search(line):
             found[line[:160]] += 1
     # The start-up banner (address, admin key, hints) is not a problem.
     for banner in [k for k in found if k.startswith(("LoRA Gateway on", "admin API key", "next: "))]:
