@@ -149,6 +149,9 @@ class Adapter(IdMixin, CreatedMixin, Base):
     state: Mapped[AdapterState] = mapped_column(_enum(AdapterState), default=AdapterState.READY)
     # An operator's pin: once loaded on a backend it is never evicted there.
     pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Limits on the adapter's own traffic, on top of its tenant's and the caller's key's (app.limits);
+    # a new version takes the last one's.
+    limits: Mapped[dict[str, int] | None] = mapped_column(JSON)
 
 
 class Job(IdMixin, CreatedMixin, Base):

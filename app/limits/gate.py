@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from app.errors import InvalidRequest, RateLimited
 from app.limits.state import Admission, Limits, LimitStore, Scope, Window, duration
 from app.outages import OutageLog
-from app.registry.snapshots import TenantView
+from app.registry.snapshots import AdapterView, TenantView
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,14 @@ def _min(*values: int | None) -> int | None:
     return min(present) if present else None
 
 
-def _merged(tenant: TenantView) -> Limits:
-    """The caps that apply: the tighter of the tenant's and the key's."""
-    t, k = tenant.limits or Limits(), tenant.key_limits or Limits()
+def _merged(*levels: Limits | None) -> Limits:
+    """The caps that apply: the tightest of the tenant's, the key's and the adapter's."""
+    present = [lim for lim in levels if lim is not None]
     return Limits(
-        max_tokens=_min(t.max_tokens, k.max_tokens),
-        max_n=_min(t.max_n, k.max_n),
-        max_prompt_bytes=_min(t.max_prompt_bytes, k.max_prompt_bytes),
-        tokens_per_minute=_min(t.tokens_per_minute, k.tokens_per_minute),
+        max_tokens=_min(*(lim.max_tokens for lim in present)),
+        max_n=_min(*(lim.max_n for lim in present)),
+        max_prompt_bytes=_min(*(lim.max_prompt_bytes for lim in present)),
+        tokens_per_minute=_min(*(lim.tokens_per_minute for lim in present)),
     )
 
 
@@ -126,19 +126,24 @@ class LimitGate:
         lease = getattr(store, "lease_s", 60.0)
         self.renew_s = renew_s if renew_s is not None else lease / 3
         self._renewer: asyncio.Task[None] | None = None
-        self._plans: dict[int, tuple[TenantView, Limits, tuple[Scope, ...]]] = {}
+        self._plans: dict[tuple[int, int], tuple[TenantView, AdapterView | None, Limits, tuple[Scope, ...]]] = {}
         self._prefix = os.urandom(6).hex() + "-"  # request ids: unique across replicas, cheap to make
         self._ids = itertools.count()
 
-    def prepare(self, tenant: TenantView, body: dict[str, Any]) -> Ticket | None:
+    def prepare(
+        self, tenant: TenantView, body: dict[str, Any], adapter: AdapterView | None = None
+    ) -> Ticket | None:
         """Checks the caps on the body (400 beyond them), puts a max_tokens in where a token limit needs
-        one; returns the ticket to admit, or None when no rate or concurrency limit applies."""
-        if tenant.limits is None and tenant.key_limits is None:
+        one; returns the ticket to admit, or None when no rate or concurrency limit applies. `adapter`:
+        the one the request names (its own limits count too), None for a base model."""
+        if adapter is not None and adapter.limits is None:
+            adapter = None
+        if tenant.limits is None and tenant.key_limits is None and adapter is None:
             return None
-        plan = self._plans.get(id(tenant))
-        if plan is None or plan[0] is not tenant:
-            plan = self._plan(tenant)
-        _, caps, scopes = plan
+        plan = self._plans.get((id(tenant), id(adapter)))
+        if plan is None or plan[0] is not tenant or plan[1] is not adapter:
+            plan = self._plan(tenant, adapter)
+        _, _, caps, scopes = plan
         n = body.get("n", 1)
         if n is None:
             n = 1
@@ -174,18 +179,25 @@ class LimitGate:
             return None
         return Ticket(scopes, f"{self._prefix}{next(self._ids)}", reserved)
 
-    def _plan(self, tenant: TenantView) -> tuple[TenantView, Limits, tuple[Scope, ...]]:
+    def _plan(
+        self, tenant: TenantView, adapter: AdapterView | None
+    ) -> tuple[TenantView, AdapterView | None, Limits, tuple[Scope, ...]]:
         """A caller's merged caps and its scopes, built once per registry view (the cache hands out the
-        same view until it reloads; holding it keeps its id unique)."""
+        same views until it reloads; holding them keeps their ids unique). Every scope carries the
+        tenant's tag: one Redis Cluster slot, so one script admits over all of them."""
         scopes = []
         if tenant.limits is not None and tenant.limits.counted:
             scopes.append(Scope(f"t:{tenant.id.hex}", tenant.id.hex, tenant.limits))
         if tenant.key_limits is not None and tenant.key_limits.counted and tenant.key_id is not None:
             scopes.append(Scope(f"k:{tenant.key_id.hex}", tenant.id.hex, tenant.key_limits))
-        plan = (tenant, _merged(tenant), tuple(scopes))
+        adapter_limits = adapter.limits if adapter is not None else None
+        if adapter is not None and adapter_limits is not None and adapter_limits.counted:
+            # By name, under the tenant's tag: every version of the adapter counts against one limit.
+            scopes.append(Scope(f"a:{adapter.name}", tenant.id.hex, adapter_limits))
+        plan = (tenant, adapter, _merged(tenant.limits, tenant.key_limits, adapter_limits), tuple(scopes))
         if len(self._plans) >= 10_000:
             self._plans.clear()
-        self._plans[id(tenant)] = plan
+        self._plans[(id(tenant), id(adapter))] = plan
         return plan
 
     async def admit(self, ticket: Ticket) -> None:

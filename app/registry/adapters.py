@@ -122,9 +122,15 @@ async def _insert_next_version(
     # A rollback expires loaded objects, so keep the plain ids.
     tenant_id, model_id = tenant.id, model.id
     for _ in range(_VERSION_RETRIES):
-        current = await session.scalar(
-            select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-        )
+        last = (
+            await session.execute(
+                select(Adapter.version, Adapter.limits)
+                .where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+                .order_by(Adapter.version.desc())
+                .limit(1)
+            )
+        ).first()
+        current, limits = (last[0], last[1]) if last is not None else (None, None)
         adapter = Adapter(
             tenant_id=tenant_id,
             name=name,
@@ -136,6 +142,7 @@ async def _insert_next_version(
             sha256=staged.sha256,
             size_bytes=staged.size_bytes,
             storage_path=storage_path,
+            limits=limits,  # the operator's limits on the adapter outlive its uploads
         )
         session.add(adapter)
         try:
@@ -200,7 +207,10 @@ async def update_adapter(
     if data.state is AdapterState.DELETED:
         raise InvalidRequest("use DELETE to delete an adapter", param="state")
     for field, value in data.model_dump(exclude_unset=True, exclude_none=True).items():
-        setattr(adapter, field, value)
+        if field != "limits":
+            setattr(adapter, field, value)
+    if "limits" in data.model_fields_set:
+        adapter.limits = service.stored_limits(data.limits)  # null removes them
     await session.commit()
     return adapter_read(adapter, tenant=tenant.name, base_model=model.name)
 

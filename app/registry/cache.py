@@ -264,6 +264,7 @@ class RegistryCache:
                 storage_path=a.storage_path,
                 created_at=a.created_at.timestamp(),
                 pinned=a.pinned,
+                limits=limits_from(a.limits),
             )
             for a, m in await session.execute(stmt)
         ]

@@ -214,6 +214,7 @@ class AdapterRead(_Read):
     size_bytes: int
     state: AdapterState
     pinned: bool
+    limits: LimitsIn | None = None
     created_at: datetime
 
 
@@ -221,6 +222,11 @@ class AdapterUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pinned: StrictBool | None = Field(None, description="Never evict it from a backend once loaded")
     state: AdapterState | None = Field(None, description="ready or disabled")
+    limits: LimitsIn | None = Field(
+        None,
+        description="limits on this adapter's traffic, on top of its tenant's and the key's; null removes them "
+        "(a new version takes the last one's)",
+    )
 
 
 T = TypeVar("T")

@@ -54,7 +54,7 @@ async def create_tenant(session: AsyncSession, *, data: schemas.TenantCreate) ->
         name=data.name,
         display_name=data.display_name,
         max_adapters_per_backend=data.max_adapters_per_backend,
-        limits=_limits(data.limits),
+        limits=stored_limits(data.limits),
     )
     session.add(tenant)
     await _commit_unique(session, f"tenant {data.name!r}")
@@ -64,12 +64,12 @@ async def create_tenant(session: AsyncSession, *, data: schemas.TenantCreate) ->
 async def update_tenant(session: AsyncSession, *, ref: str, data: schemas.TenantUpdate) -> Tenant:
     tenant = await get_tenant(session, ref)
     for field, value in data.model_dump(exclude_unset=True).items():
-        setattr(tenant, field, _limits(data.limits) if field == "limits" else value)
+        setattr(tenant, field, stored_limits(data.limits) if field == "limits" else value)
     await session.commit()
     return tenant
 
 
-def _limits(limits: schemas.LimitsIn | None) -> dict[str, int] | None:
+def stored_limits(limits: schemas.LimitsIn | None) -> dict[str, int] | None:
     """As stored: only the limits that are set; None when none is."""
     if limits is None:
         return None
@@ -119,7 +119,7 @@ async def get_key(session: AsyncSession, *, tenant: Tenant, key_id: str) -> ApiK
 async def update_key(session: AsyncSession, *, tenant: Tenant, key_id: str, data: schemas.ApiKeyUpdate) -> ApiKey:
     key = await get_key(session, tenant=tenant, key_id=key_id)
     for field, value in data.model_dump(exclude_unset=True).items():
-        setattr(key, field, _limits(data.limits) if field == "limits" else value)
+        setattr(key, field, stored_limits(data.limits) if field == "limits" else value)
     await session.commit()
     return key
 

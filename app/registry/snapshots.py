@@ -39,6 +39,7 @@ class AdapterView:
     storage_path: str
     created_at: float
     pinned: bool = False
+    limits: Limits | None = None  # on its own traffic, on top of the tenant's and the key's
 
     @property
     def served_name(self) -> str:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import httpx
 
 from tests.factories import registry
+from tests.factories.adapters import adapter_files, multipart
 from tests.fixtures.faulty_upstream import Script
 
 CHAT = "/v1/chat/completions"
@@ -92,6 +93,37 @@ async def test_a_key_limit_applies_on_top_of_the_tenant_limit(
     assert (await client.post(CHAT, json=body, headers=auth(second))).status_code == 429
     other = await client.post(CHAT, json=body, headers=auth(tenant_key))  # the tenant's other key
     assert other.status_code == 200 and other.headers["x-ratelimit-remaining-requests"] == str(100 - 2)
+
+
+async def test_an_adapter_limit_applies_to_that_adapter_on_top_of_the_tenants(
+    admin: httpx.AsyncClient, client: httpx.AsyncClient, tenant_key: str, script: Script
+) -> None:
+    await limit(admin, requests_per_minute=100)
+    (support,) = (await admin.get("/admin/v1/tenants/acme/adapters")).json()["data"]
+    resp = await admin.patch(f"/admin/v1/adapters/{support['id']}", json={"limits": {"requests_per_minute": 2, "max_n": 1}})
+    assert resp.status_code == 200 and resp.json()["limits"]["requests_per_minute"] == 2, resp.text
+    assert resp.json()["pinned"] is False  # the rest of the adapter as it was
+    body = {"model": "support", "messages": HI}
+    assert (await client.post(CHAT, json={**body, "n": 2}, headers=auth(tenant_key))).status_code == 400  # its cap
+    for remaining in ("1", "0"):
+        ok = await client.post(CHAT, json=body, headers=auth(tenant_key))
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-requests"] == remaining  # the tightest
+    refused = await client.post(CHAT, json=body, headers=auth(tenant_key))
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "requests"
+    # The tenant's other models are held only to the tenant's limit, which counted the adapter's two.
+    base = await client.post(CHAT, json={"model": "tiny-llama", "messages": HI}, headers=auth(tenant_key))
+    assert base.status_code == 200 and base.headers["x-ratelimit-remaining-requests"] == str(100 - 3)
+    # A new version keeps the operator's limits on the adapter; null removes them.
+    up = await admin.post("/admin/v1/tenants/acme/adapters", data={"name": "support"}, files=multipart(adapter_files()))
+    assert up.status_code == 201 and up.json()["version"] == 2 and up.json()["limits"]["requests_per_minute"] == 2
+    # Counted by name: the new version answers for the two its first one served this minute.
+    assert (await client.post(CHAT, json=body, headers=auth(tenant_key))).status_code == 429
+    cleared = await admin.patch(f"/admin/v1/adapters/{up.json()['id']}", json={"limits": None})
+    assert cleared.status_code == 200 and cleared.json()["limits"] is None
+    again = await client.post(CHAT, json=body, headers=auth(tenant_key))
+    assert again.status_code == 200 and again.headers["x-ratelimit-remaining-requests"] == str(100 - 4)
+    bad = await admin.patch(f"/admin/v1/adapters/{up.json()['id']}", json={"limits": {"requests_per_minute": 0}})
+    assert bad.status_code in (400, 422) and bad.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_caps_are_checked_on_the_body(

@@ -135,7 +135,8 @@ class DataPath:
         facts.model = target.public_name
         # A promoted adapter goes to its dedicated deployment (decided once, here, for the whole request),
         # unless that deployment is failing its health checks: then the LoRA path serves it.
-        adapter_id = target.adapter.id if target.adapter is not None else None
+        named = target.adapter  # its limits count whether its LoRA or its dedicated deployment serves it
+        adapter_id = named.id if named is not None else None
         promoted = self.routes.get(adapter_id) if self.routes is not None and adapter_id is not None else None
         if promoted is not None and str(promoted.backend.id) not in self.router.unhealthy:
             target = replace(target, served_name=promoted.served_name, adapter=None)
@@ -147,7 +148,7 @@ class DataPath:
             client_wants_usage = bool(opts and opts.get("include_usage"))
             client_wants_continuous = bool(opts and opts.get("continuous_usage_stats"))
         # The tenant's caps (400 beyond them) and its reservation under its rates (429 beyond them).
-        ticket = self.limits.prepare(tenant, body) if self.limits is not None else None
+        ticket = self.limits.prepare(tenant, body, named) if self.limits is not None else None
         admission: asyncio.Future[None] | None = None
         try:
             if ticket is not None:
