@@ -151,6 +151,7 @@ def create_app(settings: Settings) -> FastPath:
             fail_open=settings.LIMITS_REDIS_OUTAGE == "open",
             default_max_tokens=settings.LIMITS_DEFAULT_MAX_TOKENS,
             outage=OUTAGES.redis,
+            local_share=settings.LIMITS_LOCAL_SHARE,
         )
         meter = UsageMeter(sessionmaker, flush_s=settings.USAGE_FLUSH_S)
         data_path = DataPath(

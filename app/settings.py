@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     LIMITS_DEFAULT_MAX_TOKENS: int = Field(4096, ge=1, le=10_000_000)
     # A request's place under a concurrency limit outlives a gateway that died serving it by this long.
     LIMITS_LEASE_S: float = Field(60.0, ge=3, le=3600)
+    # With Redis: the share of each rate limit one process takes at once and admits from itself, without a
+    # round trip per request (app.limits.allotment). Never more than the limit is admitted; across R
+    # processes at most R x this share of a limit may go unused. 0: every admission asks Redis.
+    LIMITS_LOCAL_SHARE: float = Field(0.002, ge=0, le=0.05)
     # Usage for billing is summed in the process and written every USAGE_FLUSH_S: a gateway killed (not
     # stopped) loses at most that much of it.
     USAGE_FLUSH_S: float = Field(10.0, gt=0, le=3600)

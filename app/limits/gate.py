@@ -25,6 +25,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app.errors import InvalidRequest, RateLimited
+from app.limits import allotment
+from app.limits.allotment import Allotment
 from app.limits.state import Admission, Limits, LimitStore, Scope, Window, duration
 from app.outages import OutageLog
 from app.registry.snapshots import AdapterView, TenantView
@@ -49,6 +51,7 @@ class Ticket:
     admitted: bool = False  # the store counted it: settling gives back what it took
     settled: bool = False
     since: float = 0.0  # when it was admitted (time.monotonic())
+    local: Allotment | None = None  # admitted from this process's allotment, not by the store
 
 
 def _min(*values: int | None) -> int | None:
@@ -115,6 +118,7 @@ class LimitGate:
         default_max_tokens: int = 4096,
         outage: OutageLog | None = None,
         renew_s: float | None = None,
+        local_share: float = 0.0,
     ) -> None:
         self.store = store
         self.fail_open = fail_open
@@ -129,6 +133,12 @@ class LimitGate:
         self._plans: dict[tuple[int, int], tuple[TenantView, AdapterView | None, Limits, tuple[Scope, ...]]] = {}
         self._prefix = os.urandom(6).hex() + "-"  # request ids: unique across replicas, cheap to make
         self._ids = itertools.count()
+        # Allotments (app.limits.allotment) by set of scopes, where the store can grant them.
+        self.local_share = local_share if hasattr(store, "grant_raw") else 0.0
+        # Kept by the scopes' value (a registry reload makes new tuples of the same scopes), and found by
+        # the tuple's identity on the request path.
+        self._allotments: dict[tuple[Scope, ...], Allotment | None] = {}
+        self._seen: dict[int, tuple[Sequence[Scope], Allotment | None]] = {}
 
     def prepare(
         self, tenant: TenantView, body: dict[str, Any], adapter: AdapterView | None = None
@@ -220,6 +230,9 @@ class LimitGate:
             return asyncio.ensure_future(self.admit(ticket))
         loop = asyncio.get_running_loop()
         out: asyncio.Future[None] = loop.create_future()
+        if self.local_share and self._admit_locally(ticket):
+            out.set_result(None)
+            return out
         raw: asyncio.Future[Any] = raw_start(ticket.scopes, ticket.id, ticket.reserved)
         parse = self.store.parse  # type: ignore[attr-defined]
 
@@ -251,6 +264,85 @@ class LimitGate:
         raw.add_done_callback(answered)
         out.add_done_callback(lambda o: raw.cancel() if o.cancelled() and not raw.done() else None)
         return out
+
+    def _admit_locally(self, ticket: Ticket) -> bool:
+        """Admitted from this process's allotment of the ticket's scopes, if it holds enough; a grant is
+        asked for in the background when it runs low."""
+        fast = self._seen.get(id(ticket.scopes))
+        if fast is not None and fast[0] is ticket.scopes:
+            held = fast[1]  # the plan's own tuple, as on every request until the registry reloads
+        else:
+            scopes = tuple(ticket.scopes)
+            if scopes in self._allotments:
+                held = self._allotments[scopes]
+            else:
+                if len(self._allotments) >= 10_000:
+                    for sc in list(self._allotments):
+                        self._drop(sc)
+                held = self._allotments[scopes] = allotment.sized(scopes, self.local_share)
+            if len(self._seen) >= 10_000:
+                self._seen.clear()
+            self._seen[id(ticket.scopes)] = (ticket.scopes, held)  # holding the tuple keeps its id unique
+        if held is None:
+            return False
+        now = time.monotonic()
+        if held.take(ticket.reserved, now):
+            ticket.window, ticket.admitted, ticket.local, ticket.since = held.window, True, held, now
+            ticket.headers = _headers(*held.windows(now))
+            if held.low():
+                self._grant(held, ticket.reserved, now)
+            return True
+        self._grant(held, ticket.reserved, now)
+        return False
+
+    def _grant(self, held: Allotment, reserved: int, now: float) -> None:
+        if held.pending or now < held.quiet_until or not held.worth(reserved):
+            return
+        held.pending = True
+        raw: asyncio.Future[Any] = self.store.grant_raw(  # type: ignore[attr-defined]
+            held.scopes, f"{self._prefix}{next(self._ids)}", held.grant_requests, held.grant_tokens
+        )
+        raw.add_done_callback(lambda f: self._granted(held, f))
+
+    def _granted(self, held: Allotment, f: asyncio.Future[Any]) -> None:
+        held.pending = False
+        now = time.monotonic()
+        if f.cancelled() or f.exception() is not None:
+            held.quiet_until = now + allotment.QUIET_S  # the per-request path meets the outage
+            return
+        out = f.result()
+        answer = self.store.parse(held.scopes, out)  # type: ignore[attr-defined]
+        if not answer.ok:
+            held.quiet_until = now + min(allotment.QUIET_S, max(0.05, answer.retry_after_s))
+            return
+        if held.window != answer.window:
+            self._expire(held)  # a new window: what is left of the last one goes back first
+            held.window = answer.window
+        held.requests += held.grant_requests
+        held.tokens += held.grant_tokens
+        held.answer, held.answered_at = answer, now
+        held.expires = allotment.window_end(out, now)
+        if held.timer is None:
+            loop = asyncio.get_running_loop()
+            held.timer = loop.call_later(max(0.0, held.expires - now), self._expire, held)
+
+    def _expire(self, held: Allotment) -> None:
+        """The allotment's window is over (or it is dropped): what it still holds goes back."""
+        if held.timer is not None:
+            held.timer.cancel()
+            held.timer = None
+        if held.window >= 0 and (held.requests > 0 or held.tokens > 0):
+            self.store.give_back_nowait(  # type: ignore[attr-defined]
+                held.scopes, held.window, held.requests, max(0, held.tokens) if held.grant_tokens else 0
+            )
+        held.requests = held.tokens = 0
+        held.expires = 0.0
+
+    def _drop(self, scopes: tuple[Scope, ...]) -> None:
+        self._seen.clear()
+        held = self._allotments.pop(scopes, None)
+        if held is not None:
+            self._expire(held)
 
     def _store_failed(self, ticket: Ticket, exc: BaseException) -> bool:
         """The store did not answer: True when the request goes on uncounted (fail open).
@@ -288,6 +380,18 @@ class LimitGate:
         if ticket.settled or not ticket.admitted:
             return  # refused, not yet admitted (its caller left: the store undid it), or done
         ticket.settled = True
+        local = ticket.local
+        if local is not None:
+            # From the allotment, which holds its tokens: what it did not use goes back there while
+            # that window lasts, else into the window in the store.
+            if not local.grant_tokens:
+                return
+            unused = ticket.reserved - used_tokens
+            if local.window == ticket.window and local.expires > time.monotonic():
+                local.tokens += unused
+            elif unused:
+                self.store.settle_nowait(ticket.scopes, ticket.id, ticket.window, -unused)
+            return
         self._held.pop(ticket.id, None)
         delta = used_tokens - ticket.reserved if ticket.reserved or used_tokens else 0
         self.store.settle_nowait(ticket.scopes, ticket.id, ticket.window, delta)
@@ -310,6 +414,8 @@ class LimitGate:
                     self.outage.failed(exc)
 
     async def close(self) -> None:
+        for scopes in list(self._allotments):
+            self._drop(scopes)  # what this process holds goes back before the store's last batches
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
@@ -328,9 +434,13 @@ def _put(out: dict[str, str], kind: str, w: Window | None) -> None:
 
 def headers(admission: Admission) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for the tightest scope of each kind."""
+    return _headers(admission.requests, admission.tokens)
+
+
+def _headers(requests: Window | None, tokens: Window | None) -> dict[str, str]:
     out: dict[str, str] = {}
-    _put(out, "requests", admission.requests)
-    _put(out, "tokens", admission.tokens)
+    _put(out, "requests", requests)
+    _put(out, "tokens", tokens)
     return out
 
 

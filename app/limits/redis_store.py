@@ -53,9 +53,12 @@ end
 # KEYS: the counters hash and the in-flight zset of every scope the batch names (pairs). ARGV: window ms,
 # lease ms, then one string per operation (space-separated: one argument to encode instead of ten):
 #   "A rid tokens n (key-index rpm tpm conc) x n"   admit: rates/concurrency -1 when not limited
+#   "G rid count tokens n (key-index rpm tpm -1) x n" grant: `count` requests and `tokens` at once, for a
+#                                                   process to admit from locally (never with concurrency)
 #   "S rid window delta n (key-index) x n"           settle: tokens back into their window, place freed
-# Returns one entry per operation: for A {ok, window, refused, retry ms, (rc rp tc tp) per scope, frac},
-# for S 1. An admission changes nothing unless all of its scopes admit it.
+#   "U rid window requests tokens n (key-index) x n" unused: what a grant's holder gives back (negative)
+# Returns one entry per operation: for A and G {ok, window, refused, retry ms, (rc rp tc tp) per scope,
+# frac}, for S and U 1. An admission or grant changes nothing unless all of its scopes admit all of it.
 _BATCH = (
     _COMMON
     + """
@@ -80,9 +83,10 @@ for a = 3, #ARGV do
   local f = {}
   for w in string.gmatch(ARGV[a], '%S+') do f[#f + 1] = w end
   local i = 1
-  if f[1] == 'A' then
-    local id, tokens, n = f[2], tonumber(f[3]), tonumber(f[4])
+  if f[1] == 'A' or f[1] == 'G' then
+    local id, count, tokens, n = f[2], 1, tonumber(f[3]), tonumber(f[4])
     i = 5
+    if f[1] == 'G' then count, tokens, n, i = tonumber(f[3]), tonumber(f[4]), tonumber(f[5]), 6 end
     local S, refused, retry = {}, '', 0
     for j = 1, n do
       local k, rpm, tpm, conc = tonumber(f[i]), tonumber(f[i + 1]), tonumber(f[i + 2]), tonumber(f[i + 3])
@@ -90,7 +94,7 @@ for a = 3, #ARGV do
       local s = load(KEYS[k])
       S[j] = {s = s, k = k, conc = conc}
       if refused == '' and rpm >= 0 then
-        local w = wait_for(s.rc, s.rp, 1, rpm)
+        local w = wait_for(s.rc, s.rp, count, rpm)
         if w ~= 0 then refused, retry = 'requests', w end
       end
       if refused == '' and tpm >= 0 then
@@ -109,7 +113,7 @@ for a = 3, #ARGV do
       local e = S[j]
       local s = e.s
       if refused == '' then
-        s.rc, s.tc = s.rc + 1, s.tc + tokens
+        s.rc, s.tc = s.rc + count, s.tc + tokens
         save(KEYS[e.k], s)
         if e.conc >= 0 then
           redis.call('ZADD', KEYS[e.k + 1], now + lease, id)
@@ -121,6 +125,20 @@ for a = 3, #ARGV do
     end
     table.insert(r, tostring(frac))
     table.insert(out, r)
+  elseif f[1] == 'U' then
+    local at, requests, tokens, n = tonumber(f[3]), tonumber(f[4]), tonumber(f[5]), tonumber(f[6])
+    i = 7
+    for j = 1, n do
+      local h = KEYS[tonumber(f[i])]
+      i = i + 1
+      if redis.call('EXISTS', h) == 1 then
+        local s = load(h)
+        if s.w == at then s.rc, s.tc = math.max(0, s.rc + requests), math.max(0, s.tc + tokens)
+        elseif s.w == at + 1 then s.rp, s.tp = math.max(0, s.rp + requests), math.max(0, s.tp + tokens) end
+        save(h, s)
+      end
+    end
+    table.insert(out, 1)
   else  -- 'S'
     local id, at, delta, n = f[2], tonumber(f[3]), tonumber(f[4]), tonumber(f[5])
     i = 6
@@ -225,6 +243,21 @@ class _Batch:
         self._start()
         return fut
 
+    def grant(self, scopes: Sequence[Scope], request_id: str, count: int, tokens: int) -> asyncio.Future[Any]:
+        fut = asyncio.get_running_loop().create_future()
+        tails = self._tails(scopes)
+        self.ops.append((f"G {request_id} {count} {tokens} {tails.admit}", request_id, 0, tails))
+        self.waiters.append(fut)
+        self._start()
+        return fut
+
+    def give_back(self, scopes: Sequence[Scope], window: int, requests: int, tokens: int) -> None:
+        tails = self._tails(scopes)
+        self.ops.append((f"U - {window} {-requests} {-tokens} {tails.settle}", "-", 0, tails))
+        self.waiters.append(None)
+        if not self.running and self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._start)
+
     def settle(
         self, scopes: Sequence[Scope], request_id: str, window: int, delta: int, *, wait: bool
     ) -> asyncio.Future[Any] | None:
@@ -323,6 +356,15 @@ class RedisLimits:
         """The admission queued into its tenant's next batch: a future of the script's answer (`parse`
         makes it an Admission). Cancelling it before the answer comes undoes the admission."""
         return self._batch(scopes[0].tag).admit(scopes, request_id, tokens)
+
+    def grant_raw(self, scopes: Sequence[Scope], request_id: str, count: int, tokens: int) -> asyncio.Future[Any]:
+        """`count` requests and `tokens` taken at once (all or nothing) for this process to admit from
+        itself; the answer parses as an admission's. Never for scopes with a concurrency limit."""
+        return self._batch(scopes[0].tag).grant(scopes, request_id, count, tokens)
+
+    def give_back_nowait(self, scopes: Sequence[Scope], window: int, requests: int, tokens: int) -> None:
+        """What is left of a grant goes back into the window it was taken in (rides on the next call)."""
+        self._batch(scopes[0].tag).give_back(scopes, window, requests, tokens)
 
     @staticmethod
     def parse(scopes: Sequence[Scope], out: Any) -> Admission:
