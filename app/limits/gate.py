@@ -139,6 +139,8 @@ class LimitGate:
         # the tuple's identity on the request path.
         self._allotments: dict[tuple[Scope, ...], Allotment | None] = {}
         self._seen: dict[int, tuple[Sequence[Scope], Allotment | None]] = {}
+        self._granting: set[asyncio.Future[Any]] = set()  # grants on their way
+        self._closed = False
 
     def prepare(
         self, tenant: TenantView, body: dict[str, Any], adapter: AdapterView | None = None
@@ -289,26 +291,39 @@ class LimitGate:
         if held.take(ticket.reserved, now):
             ticket.window, ticket.admitted, ticket.local, ticket.since = held.window, True, held, now
             ticket.headers = _headers(*held.windows(now))
-            if held.low():
+            if held.wanted() != (0, 0):
                 self._grant(held, ticket.reserved, now)
             return True
-        self._grant(held, ticket.reserved, now)
+        if now - held.last_miss < allotment.DEMAND_S:  # a second request close behind: worth a grant
+            self._grant(held, ticket.reserved, now)
+        held.last_miss = now
         return False
 
     def _grant(self, held: Allotment, reserved: int, now: float) -> None:
-        if held.pending or now < held.quiet_until or not held.worth(reserved):
+        if held.pending or self._closed or now < held.quiet_until or not held.worth(reserved):
+            return
+        if held.expires <= now:
+            self._expire(held)  # its window is over: a grant starts it afresh
+        requests, tokens = held.wanted()
+        if not (requests or tokens):
             return
         held.pending = True
         raw: asyncio.Future[Any] = self.store.grant_raw(  # type: ignore[attr-defined]
-            held.scopes, f"{self._prefix}{next(self._ids)}", held.grant_requests, held.grant_tokens
+            held.scopes, f"{self._prefix}{next(self._ids)}", requests, tokens
         )
-        raw.add_done_callback(lambda f: self._granted(held, f))
+        self._granting.add(raw)
+        raw.add_done_callback(lambda f: self._granted(held, f, requests, tokens))
 
-    def _granted(self, held: Allotment, f: asyncio.Future[Any]) -> None:
+    def _granted(self, held: Allotment, f: asyncio.Future[Any], requests: int, tokens: int) -> None:
+        self._granting.discard(f)
         held.pending = False
         now = time.monotonic()
         if f.cancelled() or f.exception() is not None:
-            held.quiet_until = now + allotment.QUIET_S  # the per-request path meets the outage
+            # It may still have run (a timeout): then it stays counted to its window's end, on the safe
+            # side. The per-request path meets the outage meanwhile.
+            held.quiet_until = now + allotment.QUIET_S
+            if not f.cancelled() and self.outage is not None:
+                self.outage.failed(f.exception())  # type: ignore[arg-type]
             return
         out = f.result()
         answer = self.store.parse(held.scopes, out)  # type: ignore[attr-defined]
@@ -318,24 +333,39 @@ class LimitGate:
         if held.window != answer.window:
             self._expire(held)  # a new window: what is left of the last one goes back first
             held.window = answer.window
-        held.requests += held.grant_requests
-        held.tokens += held.grant_tokens
+        held.requests += requests
+        held.tokens += tokens
         held.answer, held.answered_at = answer, now
         held.expires = allotment.window_end(out, now)
-        if held.timer is None:
-            loop = asyncio.get_running_loop()
-            held.timer = loop.call_later(max(0.0, held.expires - now), self._expire, held)
+        held.last_take = now
+        if self._closed:
+            self._expire(held)  # answered while the gate closed: straight back
+        elif held.timer is None:
+            self._tick(held)
+
+    def _tick(self, held: Allotment) -> None:
+        """At its window's end, or once nobody drew on it for IDLE_S, an allotment gives back."""
+        held.timer = None
+        now = time.monotonic()
+        if now >= held.expires or now - held.last_take >= allotment.IDLE_S:
+            self._expire(held)
+            return
+        at = min(held.expires, held.last_take + allotment.IDLE_S)
+        held.timer = asyncio.get_running_loop().call_later(max(0.0, at - now), self._tick, held)
 
     def _expire(self, held: Allotment) -> None:
-        """The allotment's window is over (or it is dropped): what it still holds goes back."""
+        """What the allotment still holds goes back into its window (and the requests it handed out
+        uncounted, where requests are not limited, are counted there)."""
         if held.timer is not None:
             held.timer.cancel()
             held.timer = None
-        if held.window >= 0 and (held.requests > 0 or held.tokens > 0):
+        back_requests = held.requests - held.untracked
+        back_tokens = max(0, held.tokens) if held.grant_tokens else 0
+        if held.window >= 0 and (back_requests or back_tokens):
             self.store.give_back_nowait(  # type: ignore[attr-defined]
-                held.scopes, held.window, held.requests, max(0, held.tokens) if held.grant_tokens else 0
+                held.scopes, held.window, back_requests, back_tokens
             )
-        held.requests = held.tokens = 0
+        held.requests = held.tokens = held.untracked = 0
         held.expires = 0.0
 
     def _drop(self, scopes: tuple[Scope, ...]) -> None:
@@ -387,9 +417,11 @@ class LimitGate:
             if not local.grant_tokens:
                 return
             unused = ticket.reserved - used_tokens
-            if local.window == ticket.window and local.expires > time.monotonic():
-                local.tokens += unused
-            elif unused:
+            if unused > 0 and local.window == ticket.window and local.expires > time.monotonic():
+                keep = min(unused, max(0, local.grant_tokens - local.tokens))  # it holds one grant at most
+                local.tokens += keep
+                unused -= keep
+            if unused:  # beyond that, its window over, or more used than reserved: the store counts it
                 self.store.settle_nowait(ticket.scopes, ticket.id, ticket.window, -unused)
             return
         self._held.pop(ticket.id, None)
@@ -414,8 +446,13 @@ class LimitGate:
                     self.outage.failed(exc)
 
     async def close(self) -> None:
+        self._closed = True  # no new grant from here on
+        # Grants on their way are answered (their callbacks run first) before everything held goes back,
+        # ahead of the store's last batches.
+        await asyncio.gather(*self._granting, return_exceptions=True)
+        await asyncio.sleep(0)
         for scopes in list(self._allotments):
-            self._drop(scopes)  # what this process holds goes back before the store's last batches
+            self._drop(scopes)
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)

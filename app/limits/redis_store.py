@@ -54,7 +54,8 @@ end
 # lease ms, then one string per operation (space-separated: one argument to encode instead of ten):
 #   "A rid tokens n (key-index rpm tpm conc) x n"   admit: rates/concurrency -1 when not limited
 #   "G rid count tokens n (key-index rpm tpm -1) x n" grant: `count` requests and `tokens` at once, for a
-#                                                   process to admit from locally (never with concurrency)
+#                                                   process to admit from locally (never with concurrency;
+#                                                   a kind asked 0 of is not checked)
 #   "S rid window delta n (key-index) x n"           settle: tokens back into their window, place freed
 #   "U rid window requests tokens n (key-index) x n" unused: what a grant's holder gives back (negative)
 # Returns one entry per operation: for A and G {ok, window, refused, retry ms, (rc rp tc tp) per scope,
@@ -88,16 +89,18 @@ for a = 3, #ARGV do
     i = 5
     if f[1] == 'G' then count, tokens, n, i = tonumber(f[3]), tonumber(f[4]), tonumber(f[5]), 6 end
     local S, refused, retry = {}, '', 0
+    -- A grant checks only the kinds it asks for (it may top up one and not the other).
+    local check_requests, check_tokens = count > 0, f[1] == 'A' or tokens > 0
     for j = 1, n do
       local k, rpm, tpm, conc = tonumber(f[i]), tonumber(f[i + 1]), tonumber(f[i + 2]), tonumber(f[i + 3])
       i = i + 4
       local s = load(KEYS[k])
       S[j] = {s = s, k = k, conc = conc}
-      if refused == '' and rpm >= 0 then
+      if refused == '' and rpm >= 0 and check_requests then
         local w = wait_for(s.rc, s.rp, count, rpm)
         if w ~= 0 then refused, retry = 'requests', w end
       end
-      if refused == '' and tpm >= 0 then
+      if refused == '' and tpm >= 0 and check_tokens then
         local w = wait_for(s.tc, s.tp, tokens, tpm)
         if w < 0 then refused, retry = 'tokens_too_large', 0
         elseif w > 0 then refused, retry = 'tokens', w end

@@ -210,7 +210,13 @@ async def update_adapter(
         if field != "limits":
             setattr(adapter, field, value)
     if "limits" in data.model_fields_set:
-        adapter.limits = service.stored_limits(data.limits)  # null removes them
+        # The adapter's, whichever version a request names (`name@2` as much as `name`): every version.
+        stored = service.stored_limits(data.limits)  # null removes them
+        versions = await session.scalars(
+            select(Adapter).where(Adapter.tenant_id == adapter.tenant_id, Adapter.name == adapter.name)
+        )
+        for version in versions:
+            version.limits = stored
     await session.commit()
     return adapter_read(adapter, tenant=tenant.name, base_model=model.name)
 

@@ -217,7 +217,6 @@ class Router:
             if self.policy.prefers_live and not self._waiting.get(pool) and not self._others.get(pool):
                 got = await self.store.touch(pool, name, lease_id, slots)
                 if got is not None:
-                    self.metrics.lookup(hit=True)
                     hot = self._hold(Lease(pool, by_id[got], name, lease_id))
         except (RedisError, TimeoutError):
             hot = self._warm(pool, by_id, name, lease_id) if self.redis_outage == "warm" else None
@@ -231,6 +230,8 @@ class Router:
                     await asyncio.shield(self.release(hot))
                 raise
         if hot is not None:
+            if not hot.local:
+                self.metrics.lookup(hit=True)  # a refused request was no use of the cache
             return hot
         try:
             return await self._place(

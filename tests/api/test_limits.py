@@ -118,7 +118,10 @@ async def test_an_adapter_limit_applies_to_that_adapter_on_top_of_the_tenants(
     assert up.status_code == 201 and up.json()["version"] == 2 and up.json()["limits"]["requests_per_minute"] == 2
     # Counted by name: the new version answers for the two its first one served this minute.
     assert (await client.post(CHAT, json=body, headers=auth(tenant_key))).status_code == 429
+    # Naming the first version is no way around them: the limits are the adapter's, every version's.
+    assert (await client.post(CHAT, json={**body, "model": "support@1"}, headers=auth(tenant_key))).status_code == 429
     cleared = await admin.patch(f"/admin/v1/adapters/{up.json()['id']}", json={"limits": None})
+    assert (await admin.get(f"/admin/v1/adapters/{support['id']}")).json()["limits"] is None
     assert cleared.status_code == 200 and cleared.json()["limits"] is None
     again = await client.post(CHAT, json=body, headers=auth(tenant_key))
     assert again.status_code == 200 and again.headers["x-ratelimit-remaining-requests"] == str(100 - 4)

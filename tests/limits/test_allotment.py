@@ -91,24 +91,29 @@ async def test_an_allotments_tokens_settle_back_into_it_and_the_rest_is_given_ba
     s = [Scope("t:b", "b", Limits(tokens_per_minute=100_000))]  # share 1%: grants of 1,000 tokens
     (gate,) = replicas(prefix, 1, 0.01)
     try:
-        first = await admit(gate, s, 100)  # nothing held yet: the store admits it, and a grant is asked for
+        first = await admit(gate, s, 100)  # nothing held: the store admits it (one request is no demand)
         assert first is not None and first.local is None
-        await asyncio.sleep(0.1)
         gate.settle(first, 30)
+        second = await admit(gate, s, 100)  # a second close behind it: a grant is asked for too
+        assert second is not None and second.local is None
+        await asyncio.sleep(0.1)
         local = [await admit(gate, s, 100) for _ in range(5)]
         assert all(t is not None and t.local is not None for t in local)
         # Where the limit stands as the store last said (at the grant), with what the allotment still
-        # holds: off by at most what was counted between (here the first request's 100, then its 30).
+        # holds: off by at most what was counted in between (the second request's reservation).
         remaining = int(local[-1].headers["x-ratelimit-remaining-tokens"])  # type: ignore[union-attr]
-        assert abs(remaining - (100_000 - 30 - 5 * 100)) <= 100, remaining
+        assert abs(remaining - (100_000 - 30 - 100 - 5 * 100)) <= 100, remaining
+        gate.settle(second, 30)
         for t in local:
             gate.settle(t, 30)  # type: ignore[arg-type]
         held = local[0].local  # type: ignore[union-attr]
         assert held is not None and held.tokens == 1_000 - 5 * 100 + 5 * 70
     finally:
         await close([gate])
-    # Counted: what the six used, and nothing of what the allotment still held when it went back.
-    assert (await counters(prefix, s[0]))["tc"] == 6 * 30
+    # Counted: what the seven used, and nothing of what the allotment still held when it went back; the
+    # requests it handed out uncounted (this scope limits no requests) are counted now.
+    after = await counters(prefix, s[0])
+    assert (after["tc"], after["rc"]) == (7 * 30, 7)
 
 
 async def test_near_the_limit_every_admission_asks_the_store(prefix: str) -> None:
@@ -135,3 +140,64 @@ async def test_scopes_with_a_concurrency_limit_are_never_allotted(prefix: str) -
     finally:
         await close([gate])
     assert (await counters(prefix, s[0]))["rc"] == 20
+
+
+async def test_a_request_counted_against_several_scopes_is_never_allotted(prefix: str) -> None:
+    # A key's limits on top of the tenant's: an allotment per key would each take a share of the
+    # tenant's limit, so such requests are admitted by the store one by one.
+    s = [Scope("t:e", "e", Limits(requests_per_minute=100_000)), Scope("k:e1", "e", Limits(requests_per_minute=100_000))]
+    (gate,) = replicas(prefix, 1, 0.05)
+    try:
+        tickets = [await admit(gate, s) for _ in range(20)]
+        assert all(t is not None and t.local is None for t in tickets)
+    finally:
+        await close([gate])
+    assert (await counters(prefix, s[0]))["rc"] == 20
+
+
+async def test_a_grant_tops_up_only_the_kind_running_low(prefix: str) -> None:
+    # Tokens run low ten times faster than requests: their grants must not pile requests up in the store
+    # (which would refuse the tenant's other traffic long before its request limit).
+    s = [Scope("t:f", "f", Limits(requests_per_minute=30_000, tokens_per_minute=1_000_000))]
+    (gate,) = replicas(prefix, 1, 0.002)  # grants of 60 requests and 2,000 tokens: two requests' worth
+    admitted = 0
+    try:
+        for _ in range(200):
+            t = await admit(gate, s, 900)
+            admitted += t is not None
+            await asyncio.sleep(0.002)  # room for the grants to land
+        counted = (await counters(prefix, s[0]))["rc"]
+        assert counted <= admitted + 60, (counted, admitted)  # at most one grant of requests held
+    finally:
+        await close([gate])
+    assert (await counters(prefix, s[0]))["rc"] == admitted
+
+
+async def test_a_grant_still_on_its_way_when_the_gate_closes_is_given_back(prefix: str) -> None:
+    s = [Scope("t:g", "g", Limits(requests_per_minute=100_000))]  # share 0.2%: grants of 200
+    (gate,) = replicas(prefix, 1, 0.002)
+    try:
+        assert await admit(gate, s) is not None
+        assert await admit(gate, s) is not None  # asks for a grant, answered during the close
+    finally:
+        await close([gate])
+    assert (await counters(prefix, s[0]))["rc"] == 2
+
+
+async def test_an_allotment_nobody_draws_on_gives_back_before_its_window_ends(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.limits import allotment
+
+    monkeypatch.setattr(allotment, "IDLE_S", 0.3)
+    s = [Scope("t:h", "h", Limits(requests_per_minute=100_000))]
+    (gate,) = replicas(prefix, 1, 0.002)
+    try:
+        for _ in range(3):
+            assert await admit(gate, s) is not None
+            await asyncio.sleep(0.05)
+        assert (await counters(prefix, s[0]))["rc"] > 3  # a grant is held
+        await asyncio.sleep(0.8)  # idle past IDLE_S (and the give-back's ride to the store)
+        assert (await counters(prefix, s[0]))["rc"] == 3
+    finally:
+        await close([gate])

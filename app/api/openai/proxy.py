@@ -207,6 +207,7 @@ class DataPath:
         if not backends:
             if admission is not None:
                 await admission  # over its limits, a request learns that first
+                facts.limit_headers = ticket.headers if ticket is not None else None
             raise ServiceUnavailable(
                 f"no backend serves base model '{target.base_model.name}' right now",
                 headers={"Retry-After": "5"},
