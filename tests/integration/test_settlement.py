@@ -59,7 +59,12 @@ def _register(url: str, vllm: VllmCpuServer, tiny) -> tuple[str, str]:  # type: 
 def stack(vllm: VllmCpuServer, tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     data_dir = tmp_path_factory.mktemp("settle")
     prefix = f"lgw-settle-{uuid.uuid4().hex[:8]}"
-    env = {"GATEWAY_REDIS_URL": REDIS_URL, "GATEWAY_REDIS_PREFIX": prefix, "GATEWAY_USAGE_FLUSH_S": "1"}
+    # Shares off: each charge is read off the store's counters as it lands (a share's settle into the share
+    # itself, tests/limits/test_allotment.py, and reach the store only when it gives back).
+    env = {
+        "GATEWAY_REDIS_URL": REDIS_URL, "GATEWAY_REDIS_PREFIX": prefix, "GATEWAY_USAGE_FLUSH_S": "1",
+        "GATEWAY_LIMITS_LOCAL_SHARE": "0",
+    }  # fmt: skip
     proc, url, _ = start_gateway(data_dir, env)
     key, tenant_hex = _register(url, vllm, tiny)
     s = Stack(url, key, tenant_hex, prefix, data_dir, env, proc)
